@@ -1,0 +1,52 @@
+"""Run configuration: a typed dataclass with defaults, read from TOML, written resolved into manifest.json."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from probes.errors import input_error
+
+__all__ = ["RunConfig", "load_config", "DEFAULT_LABEL_CHAPTERS"]
+
+# The embedded task's default label space: ICD-10-CM chapter 9 (circulatory system), 1,427 billable
+# codes with deep sibling structure (acute/chronic, systolic/diastolic, laterality, ...).
+DEFAULT_LABEL_CHAPTERS = ("9",)
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; every field can be set in a TOML file or on the command line."""
+
+    out: str = "results/ctd-default"
+    model: str | None = None
+    dataset: str = "icd10cm"
+    dataset_path: str | None = None
+    dataset_options: dict = field(default_factory=lambda: {"chapters": list(DEFAULT_LABEL_CHAPTERS), "n_docs": 1000})
+    split: str = "test"
+    n_docs: int | None = None
+    seed: int = 0
+    quick: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_config(path: str | Path | None, **overrides) -> RunConfig:
+    """Defaults, then the TOML file (if any), then non-None ``overrides``; unknown keys are errors."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise input_error(path, "config file not found", "pass an existing TOML file to --config")
+        try:
+            values = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise input_error(path, f"malformed TOML ({exc})", "fix the file") from None
+        known = {f.name for f in fields(RunConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise input_error(path, f"unknown setting(s) {unknown}", f"use only {sorted(known)}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return RunConfig(**values)

@@ -1,0 +1,191 @@
+"""Files of a run directory: atomic writes, checked reads, the manifest.
+
+Writes go to a temporary file in the same folder and are renamed into place, so an interrupted
+stage never leaves a half-written file under a final name, and never clobbers what was there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from probes.errors import CtdInputError, input_error
+
+__all__ = [
+    "atomic_path",
+    "write_parquet",
+    "read_parquet",
+    "write_json",
+    "read_json",
+    "Manifest",
+    "package_versions",
+]
+
+_TRACKED_PACKAGES = (
+    "characterize-then-distill",
+    "torch",
+    "transformers",
+    "transformer-lens",
+    "tokenizers",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "scikit-learn",
+    "simple-icd-10-cm",
+    "sentence-transformers",
+    "ruptures",
+    "plotly",
+)
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_parquet(frame: pd.DataFrame, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write ``frame`` to ``path`` atomically; ``metadata`` goes into the schema's key-value metadata."""
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    if metadata:
+        merged = dict(table.schema.metadata or {})
+        merged.update({k.encode(): v.encode() for k, v in metadata.items()})
+        table = table.replace_schema_metadata(merged)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def read_parquet(
+    path: str | Path, required: Iterable[str] = (), with_metadata: bool = False
+) -> pd.DataFrame | tuple[pd.DataFrame, dict[str, str]]:
+    """Read a parquet file, naming the file in any error (missing, unreadable, lacking columns)."""
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, "file not found", "run the stage that writes it first, or check the path")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise input_error(path, f"not a readable parquet file ({type(exc).__name__})", "rewrite it by rerunning its stage") from None
+    missing = [c for c in required if c not in table.column_names]
+    if missing:
+        raise input_error(path, f"missing column(s) {missing}", f"the file needs columns {list(required)}")
+    frame = table.to_pandas()
+    if with_metadata:
+        raw = table.schema.metadata or {}
+        return frame, {k.decode(): v.decode() for k, v in raw.items() if not k.startswith(b"pandas")}
+    return frame
+
+
+def write_json(obj: Any, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    return Path(path)
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise input_error(path, "file not found", "check the path")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise input_error(path, f"malformed JSON ({exc.msg})", "fix or delete the file", exc.lineno) from None
+
+
+def package_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": sys.version.split()[0]}
+    for name in _TRACKED_PACKAGES:
+        try:
+            versions[name] = importlib_metadata.version(name)
+        except importlib_metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class Manifest:
+    """``results/<run>/manifest.json``: resolved config, versions, seeds, git commit and stage timings.
+
+    Each stage records itself with :meth:`stage`; the file is rewritten atomically after every
+    change so an interrupted run still says what it finished.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "manifest.json"
+        if self.path.exists():
+            self.data = read_json(self.path)
+            if not isinstance(self.data, dict):
+                raise input_error(self.path, "manifest is not a JSON object", "delete it and rerun")
+        else:
+            self.data = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "stages": {}}
+        self.data.setdefault("stages", {})
+        self.data["versions"] = package_versions()
+        self.data["git_commit"] = _git_commit()
+        self.data["platform"] = platform.platform()
+
+    def update(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.save()
+
+    def save(self) -> None:
+        write_json(self.data, self.path)
+
+    @contextmanager
+    def stage(self, name: str, config: dict[str, Any] | None = None, seed: int | None = None) -> Iterator[dict]:
+        """Time a stage; on success mark it complete with its config, seed and outputs."""
+        record: dict[str, Any] = {"config": config or {}, "seed": seed, "status": "running"}
+        self.data["stages"][name] = record
+        self.save()
+        start = time.perf_counter()
+        try:
+            yield record
+        except BaseException as exc:
+            record["status"] = "failed"
+            record["error"] = str(exc) if isinstance(exc, CtdInputError) else type(exc).__name__
+            record["seconds"] = round(time.perf_counter() - start, 3)
+            self.save()
+            raise
+        record["status"] = "complete"
+        record["seconds"] = round(time.perf_counter() - start, 3)
+        self.save()
+
+    def is_complete(self, name: str) -> bool:
+        return self.data["stages"].get(name, {}).get("status") == "complete"
