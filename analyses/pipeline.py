@@ -8,6 +8,7 @@ from pathlib import Path
 from analyses.config import RunConfig
 from analyses.io import Manifest
 from analyses.tasks.sources import Dataset, load_dataset
+from probes.errors import input_error
 
 __all__ = ["run_study", "STAGES"]
 
@@ -16,18 +17,31 @@ STAGES = ("data", "traces", "capture", "characterize", "patch", "isolate", "dist
 _BUILT = {"data"}
 
 
+def _check_same_config(manifest: Manifest, stage: str, config: dict) -> None:
+    """A finished stage is reused only for the same settings; otherwise refuse rather than overwrite."""
+    done = manifest.data["stages"].get(stage, {})
+    if done.get("status") == "complete" and done.get("config") != config:
+        raise input_error(
+            manifest.path,
+            f"stage {stage!r} was run here with other settings ({done.get('config')})",
+            "choose another --out, or delete the run directory to start over",
+        )
+
+
 def _stage_data(config: RunConfig, run_dir: Path, manifest: Manifest) -> Dataset:
+    if config.dataset == "icd10cm":
+        options = {**config.dataset_options}
+        options.setdefault("seed", config.seed)
+        if config.quick:
+            options["n_docs"] = min(int(options.get("n_docs", 1000)), 200)
+    else:
+        options = {k: v for k, v in config.dataset_options.items() if k not in ("chapters", "n_docs")}
+    stage_config = {"source": config.dataset, "path": config.dataset_path, **options}
+    _check_same_config(manifest, "data", stage_config)
     if manifest.is_complete("data") and (run_dir / "docs.parquet").exists():
         print("[data] complete, reading labels.parquet and docs.parquet", file=sys.stderr)
         return Dataset.load(run_dir)
-    options = dict(config.dataset_options) if config.dataset == "icd10cm" else {}
-    if config.dataset != "icd10cm":
-        options = {k: v for k, v in config.dataset_options.items() if k not in ("chapters", "n_docs")}
-    if config.dataset == "icd10cm" and config.quick:
-        options["n_docs"] = min(int(options.get("n_docs", 1000)), 200)
-    with manifest.stage("data", config={"source": config.dataset, "path": config.dataset_path, **options}, seed=config.seed) as record:
-        if config.dataset == "icd10cm":
-            options.setdefault("seed", config.seed)
+    with manifest.stage("data", config=stage_config, seed=config.seed) as record:
         dataset = load_dataset(config.dataset, config.dataset_path, **options)
         dataset.save(run_dir)
         record["outputs"] = ["labels.parquet", "docs.parquet"]

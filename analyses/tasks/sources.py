@@ -424,8 +424,7 @@ def load_mimic_iv_icd10(path: Path | None, unknown_codes: str = "error", on_empt
         text_col = _pick(frame, file, ("text", "TEXT"), "note text")
         label_col = _pick(frame, file, ("target", "icd10_diag", "LABELS", "labels", "icd10"), "code list")
         id_col = next((c for c in ("_id", "note_id", "hadm_id", "HADM_ID") if c in frame.columns), None)
-        for i, row in enumerate(frame.itertuples(index=False)):
-            record = row._asdict()
+        for i, record in enumerate(frame.to_dict("records")):
             line = i + 2 if file.suffix in (".csv", ".gz") else i + 1  # CSV: header is line 1
             text = record[text_col]
             if not isinstance(text, str):
