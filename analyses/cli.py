@@ -61,6 +61,41 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_organism_train(args) -> int:
+    from analyses.organism import OrganismConfig, default_organism_path, train_organism
+
+    config = OrganismConfig.quick_config() if args.quick else OrganismConfig()
+    if args.seed is not None:
+        config.seed = args.seed
+    if args.max_steps is not None:
+        config.max_steps = args.max_steps
+    if args.minutes is not None:
+        config.time_budget_s = 60.0 * args.minutes
+    out = Path(args.out) if args.out else default_organism_path()
+    path = train_organism(out, config)
+    meta = json.loads((path / "ctd_organism.json").read_text())
+    print(json.dumps({"out": str(path), "steps": meta["steps"], "train_seconds": meta["train_seconds"], **meta["heldout"]}, indent=2))
+    return 0
+
+
+def _cmd_traces(args) -> int:
+    from analyses.tasks.sources import load_dataset
+    from analyses.traces import GenerationConfig, write_traces
+
+    options = dict(_parse_option(o) for o in (args.opt or []))
+    source = args.dataset[0] if args.dataset else "icd10cm"
+    path = args.dataset[1] if args.dataset and len(args.dataset) > 1 else None
+    if source == "icd10cm" and path is None:
+        from analyses.config import DEFAULT_LABEL_CHAPTERS
+
+        options.setdefault("chapters", list(DEFAULT_LABEL_CHAPTERS))
+        options.setdefault("n_docs", 1000)
+    dataset = load_dataset(source, path, **options)
+    config = GenerationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed or 0)
+    write_traces(args.out, dataset, model=args.model, split=args.split, n_docs=args.n_docs, template_name=args.template, config=config)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctd", description="characterize-then-distill: phases of label selection in reasoning models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,6 +110,30 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int)
     run.add_argument("--opt", action="append", help="dataset option KEY=VALUE (repeatable)")
     run.set_defaults(func=_cmd_run)
+
+    organism = sub.add_parser("organism", help="the embedded reasoning model")
+    org_sub = organism.add_subparsers(dest="organism_command", required=True)
+    train = org_sub.add_parser("train", help="train the organism from scratch on teacher traces")
+    train.add_argument("--out", help="output folder (default: the shipped checkpoint, analyses/assets/organism)")
+    train.add_argument("--quick", action="store_true", help="a tiny organism in a few minutes (for CI)")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--max-steps", type=int)
+    train.add_argument("--minutes", type=float, help="time budget of the training loop")
+    train.set_defaults(func=_cmd_organism_train)
+
+    traces = sub.add_parser("traces", help="generate and parse traces into a run directory")
+    traces.add_argument("--out", required=True, help="run directory")
+    traces.add_argument("--model", help="model folder (default: the organism)")
+    traces.add_argument("--dataset", nargs="+", metavar=("SOURCE", "PATH"), help="dataset source and its folder")
+    traces.add_argument("--split", default="test")
+    traces.add_argument("--n-docs", type=int)
+    traces.add_argument("--template", help="prompt template name (default: the model family's plain template)")
+    traces.add_argument("--batch-size", type=int, default=32)
+    traces.add_argument("--max-new-tokens", type=int, default=256)
+    traces.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    traces.add_argument("--seed", type=int)
+    traces.add_argument("--opt", action="append", help="dataset option KEY=VALUE (repeatable)")
+    traces.set_defaults(func=_cmd_traces)
 
     data = sub.add_parser("data", help="inspect dataset sources")
     data_sub = data.add_subparsers(dest="data_command", required=True)

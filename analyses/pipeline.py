@@ -14,7 +14,7 @@ __all__ = ["run_study", "STAGES"]
 
 # Every stage of DESIGN §4 in order; the ones not built yet are listed so a run says so plainly.
 STAGES = ("data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report")
-_BUILT = {"data"}
+_BUILT = {"data", "traces"}
 
 
 def _check_same_config(manifest: Manifest, stage: str, config: dict) -> None:
@@ -50,13 +50,28 @@ def _stage_data(config: RunConfig, run_dir: Path, manifest: Manifest) -> Dataset
     return dataset
 
 
+def _stage_traces(config: RunConfig, run_dir: Path, manifest: Manifest, dataset: Dataset) -> None:
+    from analyses.traces import GenerationConfig, resolve_model_path, traces_stage_config, write_traces
+
+    model_dir = resolve_model_path(config.model)
+    n_docs = config.n_docs if config.n_docs is not None else (20 if config.quick else None)
+    generation = GenerationConfig(seed=config.seed)
+    expected = traces_stage_config(model_dir, config.split, n_docs, None, generation)
+    _check_same_config(manifest, "traces", expected)
+    if manifest.is_complete("traces") and (run_dir / "traces.parquet").exists():
+        print("[traces] complete, reading traces.parquet", file=sys.stderr)
+        return
+    write_traces(run_dir, dataset, model=model_dir, split=config.split, n_docs=n_docs, config=generation, manifest=manifest)
+
+
 def run_study(config: RunConfig) -> Path:
     """Run every built stage into ``config.out`` and say which stages are not built yet."""
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir)
     manifest.update(config=config.to_dict())
-    _stage_data(config, run_dir, manifest)
+    dataset = _stage_data(config, run_dir, manifest)
+    _stage_traces(config, run_dir, manifest, dataset)
     missing = [s for s in STAGES if s not in _BUILT]
     if missing:
         print(f"[run] not built yet: {', '.join(missing)} (see the open issues)", file=sys.stderr)

@@ -13,14 +13,28 @@ import pandas as pd
 
 from probes.errors import input_error
 
-__all__ = ["LabelSpace", "normalize_text"]
+__all__ = ["LabelSpace", "normalize_text", "text_variants"]
 
 _NON_WORD = re.compile(r"[^a-z0-9]+")
+_PAREN = re.compile(r"\s*\([^()]*\)")
+_BRACKET = re.compile(r"\s*\[[^\[\]]*\]")
 
 
 def normalize_text(text: str) -> str:
     """Lower-case, drop punctuation and brackets, collapse spaces: the form label texts are matched in."""
     return " ".join(_NON_WORD.sub(" ", text.lower()).split())
+
+
+def text_variants(text: str, aliases: list[str] = ()) -> list[str]:
+    """Surface forms of a label: its text and aliases, each also without parentheticals
+    ("(congestive)"), bracketed acronyms ("[HFrEF]") and "NOS" (ICD's nonessential modifiers)."""
+    out: list[str] = []
+    for source in (text, *aliases):
+        for candidate in (source, _BRACKET.sub("", _PAREN.sub("", source))):
+            candidate = " ".join(candidate.replace(" NOS", "").split()).strip(" ,;")
+            if candidate and candidate not in out:
+                out.append(candidate)
+    return out
 
 
 @dataclass(frozen=True)

@@ -10,19 +10,16 @@ and, for each gold code, the words that separate it from its closest near-miss.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from analyses.tasks.labels import LabelSpace, normalize_text
+from analyses.tasks.labels import LabelSpace, normalize_text, text_variants as _variants
 
 __all__ = ["NoteGenerator", "NoteConfig", "generate_notes"]
 
-_PAREN = re.compile(r"\s*\([^()]*\)")
-_BRACKET = re.compile(r"\s*\[[^\[\]]*\]")
 
 _GOLD_TEMPLATES = (
     "Presents with {p}.",
@@ -63,16 +60,6 @@ def _lower_first(phrase: str) -> str:
     if len(first) > 1 and (first.isupper() or any(ch.isdigit() for ch in first)):
         return phrase
     return phrase[:1].lower() + phrase[1:]
-
-
-def _variants(text: str, aliases: list[str]) -> list[str]:
-    out = []
-    for source in (text, *aliases):
-        for candidate in (source, _BRACKET.sub("", _PAREN.sub("", source))):
-            candidate = " ".join(candidate.replace(" NOS", "").split()).strip(" ,;")
-            if candidate and candidate not in out:
-                out.append(candidate)
-    return out
 
 
 class NoteGenerator:

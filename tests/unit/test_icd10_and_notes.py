@@ -101,7 +101,7 @@ def test_notes_records_are_consistent(circulatory, notes):
 
 
 def _variants_of(space, i):
-    from analyses.tasks.notes import _variants
+    from analyses.tasks.labels import text_variants as _variants
 
     return _variants(space.texts[i], space.aliases[i])
 

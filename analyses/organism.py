@@ -1,0 +1,399 @@
+"""The embedded reasoning model: trace teacher, BPE tokenizer, a small Qwen3 trained from scratch.
+
+The organism reads a generated clinical note and writes a two-phase chain of thought:
+
+    <think>
+    Candidates: I50.21, I10, I50.22.            <- phase 1: shortlist (gold mixed with near-misses)
+    Check I50.21: acute not noted -> drop.      <- phase 2: one check per candidate, with the
+    Check I10: denied -> drop.                     deciding evidence
+    Check I50.22: chronic -> keep.
+    </think>
+    <answer>I50.22</answer>
+
+The true phase boundary is the first token of the first ``Check``. The checkpoint is an ordinary
+Hugging Face folder (config, safetensors, tokenizer in ``tokenizer/``) loaded through the same code
+path as any real model; ``ctd_organism.json`` beside it records how it was trained and what it reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analyses.prompts import get_template
+from analyses.tasks.labels import LabelSpace, normalize_text
+from probes.errors import CtdNumericalError, input_error
+
+__all__ = [
+    "OrganismConfig",
+    "teacher_trace",
+    "build_corpus",
+    "train_tokenizer",
+    "train_organism",
+    "evaluate_organism",
+    "default_organism_path",
+    "ORGANISM_LABEL_CHAPTERS",
+    "boundary_char",
+]
+
+ORGANISM_LABEL_CHAPTERS = ("9",)
+SPECIAL_TOKENS = ("<|endoftext|>", "<think>", "</think>", "<answer>", "</answer>", "<note>", "</note>")
+_ASSETS = Path(__file__).resolve().parent / "assets" / "organism"
+_KIND_EVIDENCE = {"negated": "denied", "history": "history only", "family": "family history"}
+
+
+def default_organism_path() -> Path:
+    """The shipped checkpoint (``analyses/assets/organism``)."""
+    return _ASSETS
+
+
+# ------------------------------------------------------------------------------------------------
+# the trace teacher
+
+
+def _near_miss_evidence(labels: LabelSpace, near: int, gold_phrase: str) -> str:
+    gold_words = set(normalize_text(gold_phrase).split())
+    words = [w for w in normalize_text(labels.texts[near]).split() if w not in gold_words]
+    return " ".join(dict.fromkeys(words[:2])) if words else "less specific"
+
+
+def teacher_trace(row, labels: LabelSpace, rng: np.random.Generator, max_candidates: int = 8) -> str:
+    """The trace (text after the prompt's ``<think>\\n``) for one generated note ``row``."""
+    gold = [int(g) for g in row["gold"]]
+    evidence = {int(e["label_id"]): e for e in row["evidence"]}
+    distractors = {int(d["label_id"]): d["kind"] for d in row["distractors"]}
+    candidates: list[int] = list(gold)
+    reasons: dict[int, str] = {}
+    for g in gold:
+        ev = evidence[g]
+        decisive = list(ev["decisive"])[:3]
+        reasons[g] = (" ".join(decisive) if decisive else " ".join(normalize_text(ev["phrase"]).split()[:3])) + " -> keep"
+    for d, kind in distractors.items():
+        if d not in reasons and len(candidates) < max_candidates:
+            candidates.append(d)
+            reasons[d] = f"{_KIND_EVIDENCE[kind]} -> drop"
+    for g in gold:  # the closest near-miss of each gold code: the sibling it must be told apart from
+        contrast = int(evidence[g]["contrast"])
+        if contrast >= 0 and contrast not in reasons and len(candidates) < max_candidates:
+            candidates.append(contrast)
+            reasons[contrast] = f"{_near_miss_evidence(labels, contrast, evidence[g]['phrase'])} not noted -> drop"
+    order = [candidates[i] for i in rng.permutation(len(candidates))]  # order must not reveal gold
+    lines = ["Candidates: " + ", ".join(labels.codes[c] for c in order) + "."]
+    lines += [f"Check {labels.codes[c]}: {reasons[c]}." for c in order]
+    answer = ", ".join(sorted(labels.codes[g] for g in gold))
+    return "\n".join(lines) + "\n</think>\n<answer>" + answer + "</answer>"
+
+
+def boundary_char(trace_text: str) -> int | None:
+    """Character index where checking begins (the true phase boundary), or None."""
+    at = trace_text.find("Check ")
+    return None if at < 0 else at
+
+
+def dictionary_corpus(labels: LabelSpace, repeats: int = 3) -> pd.DataFrame:
+    """One-finding mini-notes per label text variant: the same format, a cheap way to learn the codes."""
+    from analyses.tasks.labels import text_variants as _variants
+    from analyses.tasks.notes import _lower_first
+
+    template = get_template("organism")
+    variants = [_variants(labels.texts[i], labels.aliases[i]) for i in range(len(labels))]
+    owners: dict[str, int] = {}
+    for vs in variants:
+        for v in vs:
+            owners[normalize_text(v)] = owners.get(normalize_text(v), 0) + 1
+    prompts, traces = [], []
+    for i in range(len(labels)):
+        for phrase in (v for v in variants[i] if owners[normalize_text(v)] == 1):  # unambiguous only
+            prompt, _ = template.render(f"Presents with {_lower_first(phrase)}.")
+            words = " ".join(normalize_text(phrase).split()[:3])
+            trace = f"Candidates: {labels.codes[i]}.\nCheck {labels.codes[i]}: {words} -> keep.\n</think>\n<answer>{labels.codes[i]}</answer>"
+            prompts += [prompt] * repeats
+            traces += [trace] * repeats
+    return pd.DataFrame({"doc_id": None, "split": "train", "prompt": prompts, "trace": traces})
+
+
+def build_corpus(docs: pd.DataFrame, labels: LabelSpace, seed: int = 0) -> pd.DataFrame:
+    """Prompt text and teacher trace per note."""
+    template = get_template("organism")
+    rng = np.random.default_rng(seed)
+    prompts, traces = [], []
+    for _, row in docs.iterrows():
+        prompt, _ = template.render(row["text"])
+        prompts.append(prompt)
+        traces.append(teacher_trace(row, labels, rng))
+    return pd.DataFrame({"doc_id": docs["doc_id"], "split": docs["split"], "prompt": prompts, "trace": traces})
+
+
+# ------------------------------------------------------------------------------------------------
+# tokenizer
+
+
+def train_tokenizer(texts, vocab_size: int = 3000):
+    """A byte-level BPE tokenizer trained on ``texts`` with the organism's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
+    )
+    fast.padding_side = "left"
+    return fast
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+
+
+@dataclass
+class OrganismConfig:
+    """How the organism is trained; saved into ``ctd_organism.json``."""
+
+    chapters: tuple[str, ...] = ORGANISM_LABEL_CHAPTERS
+    n_train_docs: int = 40000
+    n_eval_docs: int = 200
+    vocab_size: int = 3000
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int = 4
+    d_mlp: int = 768
+    max_positions: int = 512
+    batch_size: int = 32
+    lr: float = 1.5e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    max_steps: int = 3000
+    time_budget_s: float = 50 * 60
+    dictionary_repeats: int = 3
+    seed: int = 0
+    threads: int = 2
+    quick: bool = False
+
+    @classmethod
+    def quick_config(cls) -> "OrganismConfig":
+        return cls(
+            n_train_docs=3000,
+            n_eval_docs=50,
+            vocab_size=1200,
+            d_model=96,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            d_mlp=256,
+            batch_size=16,
+            lr=2e-3,
+            max_steps=200,
+            warmup_steps=20,
+            time_budget_s=4 * 60,
+            quick=True,
+        )
+
+
+def _encode_corpus(corpus: pd.DataFrame, tokenizer, max_positions: int) -> list[tuple[np.ndarray, int]]:
+    eos = tokenizer.eos_token_id
+    out = []
+    for prompt, trace in zip(corpus["prompt"], corpus["trace"]):
+        p = tokenizer.encode(prompt, add_special_tokens=False)
+        t = tokenizer.encode(trace, add_special_tokens=False) + [eos]
+        ids = np.asarray(p + t, dtype=np.int64)
+        if len(ids) <= max_positions:
+            out.append((ids, len(p)))
+    return out
+
+
+def _batch(examples: list[tuple[np.ndarray, int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Right padding for training (no generation here); loss only on trace tokens.
+    length = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for i, (ids, n_prompt) in enumerate(examples):
+        input_ids[i, : len(ids)] = torch.from_numpy(ids)
+        mask[i, : len(ids)] = 1
+        labels[i, n_prompt : len(ids)] = torch.from_numpy(ids[n_prompt:])
+    return input_ids, mask, labels
+
+
+# Training notes come from their own seed range, so notes a user generates with small seeds (the
+# default run uses seed 0) are never notes the organism was trained on.
+TRAINING_NOTE_SEED_OFFSET = 1_000_003
+
+
+def organism_notes(config: "OrganismConfig") -> tuple[LabelSpace, pd.DataFrame]:
+    """The label space and the notes the organism is trained (train split) and checked (test split) on."""
+    from analyses.tasks.icd10 import icd10cm_labels
+    from analyses.tasks.notes import NoteConfig, NoteGenerator
+
+    labels = icd10cm_labels(chapters=list(config.chapters))
+    n_total = config.n_train_docs + 2 * config.n_eval_docs
+    fractions = (config.n_train_docs / n_total, config.n_eval_docs / n_total, config.n_eval_docs / n_total)
+    note_config = NoteConfig(n_docs=n_total, seed=TRAINING_NOTE_SEED_OFFSET + config.seed, split_fractions=fractions)
+    return labels, NoteGenerator(labels, note_config).generate()
+
+
+def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), progress: bool = True) -> Path:
+    """Train the organism and save it to ``out`` as a Hugging Face folder with its metadata."""
+    from tqdm.auto import tqdm
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    out = Path(out)
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    started = time.perf_counter()
+    labels, docs = organism_notes(config)
+    corpus = build_corpus(docs, labels, seed=config.seed)
+    train_corpus = corpus[corpus["split"] == "train"]
+    tokenizer = train_tokenizer(
+        list(train_corpus["prompt"] + train_corpus["trace"]) + labels.texts + labels.codes, vocab_size=config.vocab_size
+    )
+    examples = _encode_corpus(pd.concat([train_corpus, dictionary_corpus(labels, config.dictionary_repeats)]), tokenizer, config.max_positions)
+    if not examples:
+        raise input_error(None, "no training sequence fits max_positions", "raise max_positions")
+    model_config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=config.d_model,
+        intermediate_size=config.d_mlp,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.d_model // config.n_heads,
+        max_position_embeddings=config.max_positions,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        rope_theta=10000.0,
+    )
+    model = Qwen3ForCausalLM(model_config)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int, elapsed: float) -> float:
+        if step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        # Cosine decay over whichever runs out first, steps or the time budget, so a slower
+        # machine still ends training at a low learning rate.
+        by_steps = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+        progress_frac = min(1.0, max(by_steps, elapsed / config.time_budget_s))
+        return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
+
+    rng = np.random.default_rng(config.seed)
+    # Length-bucketed batches: sort a shuffled pool by length so padding stays small.
+    losses: list[tuple[int, float, float]] = []
+    step = 0
+    bar = tqdm(total=config.max_steps, desc="organism", disable=not progress, file=sys.stderr)
+    pool: list[list[tuple[np.ndarray, int]]] = []
+    while step < config.max_steps:
+        if not pool:
+            order = rng.permutation(len(examples))
+            chunk = 50 * config.batch_size
+            for c0 in range(0, len(order), chunk):
+                idx = sorted(order[c0 : c0 + chunk], key=lambda i: len(examples[i][0]))
+                batches = [[examples[i] for i in idx[b : b + config.batch_size]] for b in range(0, len(idx), config.batch_size)]
+                pool.extend(batches[j] for j in rng.permutation(len(batches)))
+            pool.reverse()
+        input_ids, mask, target = _batch(pool.pop(), tokenizer.pad_token_id)
+        lr = lr_at(step, time.perf_counter() - started)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=target).loss
+        if not torch.isfinite(loss):
+            raise CtdNumericalError(f"organism training: loss is {loss.item()} at step {step}; lower lr (now {lr:.2e})")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        elapsed = time.perf_counter() - started
+        losses.append((step, loss.item(), elapsed))
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1][1]:.3f}")
+        if elapsed > config.time_budget_s:
+            print(f"[organism] time budget of {config.time_budget_s:.0f}s reached at step {step}", file=sys.stderr)
+            break
+    bar.close()
+    train_seconds = time.perf_counter() - started
+
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model.eval()
+    # bf16 on disk keeps the committed checkpoint small; it is loaded back as float32.
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    model.to(torch.float32)
+    tokenizer.save_pretrained(tmp / "tokenizer")
+    labels.save(tmp / "labels.parquet")
+    pd.DataFrame(losses, columns=["step", "loss", "seconds"]).to_parquet(tmp / "loss_curve.parquet", index=False)
+    meta = {
+        "kind": "ctd-organism",
+        "template": "organism",
+        "label_space": labels.name,
+        "n_labels": len(labels),
+        "config": asdict(config),
+        "steps": step,
+        "train_seconds": round(train_seconds, 1),
+        "final_loss": float(np.mean([l for _, l, _ in losses[-20:]])),
+        "n_train_sequences": len(examples),
+        "note_seed": TRAINING_NOTE_SEED_OFFSET + config.seed,
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+    }
+    (tmp / "ctd_organism.json").write_text(json.dumps(meta, indent=2) + "\n")
+    eval_docs = docs[docs["split"] == "test"].reset_index(drop=True)
+    # The held-out notes travel with the checkpoint, so its targets can be re-checked anywhere.
+    eval_docs.to_parquet(tmp / "heldout_docs.parquet", index=False)
+    metrics = evaluate_organism(tmp, eval_docs, labels, progress=progress)
+    meta["heldout"] = metrics
+    (tmp / "ctd_organism.json").write_text(json.dumps(meta, indent=2) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def evaluate_organism(model_dir: str | Path, docs: pd.DataFrame, labels: LabelSpace, batch_size: int = 50, progress: bool = True) -> dict:
+    """Greedy traces on ``docs``: answer micro-F1, shortlist recall, well-formed rate, boundary presence."""
+    from analyses.tasks.metrics import set_metrics
+    from analyses.traces import generate_traces
+
+    traces = generate_traces(model_dir, docs, labels, template_name="organism", batch_size=batch_size, progress=progress)
+    gold = [set(map(int, g)) for g in docs["gold"]]
+    answers = [set(a) for a in traces["answer"]]
+    recall = [len(set(s) & g) / len(g) for s, g in zip(traces["shortlist"], gold) if g]
+    m = set_metrics(gold, answers)
+    return {
+        "n_docs": int(len(docs)),
+        "answer_micro_f1": round(m["micro_f1"], 4),
+        "answer_example_f1": round(m["example_f1"], 4),
+        "shortlist_recall": round(float(np.mean(recall)), 4),
+        "well_formed": round(float(traces["well_formed"].mean()), 4),
+        "with_boundary": round(float(traces["true_boundary"].notna().mean()), 4),
+    }

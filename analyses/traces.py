@@ -1,0 +1,225 @@
+"""Traces: prompt each document, generate a chain of thought and answer, parse it (``ctd traces``).
+
+Generation is Hugging Face ``generate`` with its KV cache, batched with left padding (the position
+ids follow the attention mask). Each trace is parsed into mentions, shortlist, answer and per-token
+regions; malformed traces are kept and flagged, and the stage prints how many there were.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from analyses.io import Manifest, write_parquet
+from analyses.organism import boundary_char, default_organism_path
+from analyses.parsing import TraceParser, token_char_spans
+from analyses.prompts import PromptTemplate, default_template, get_template
+from analyses.tasks.labels import LabelSpace
+from probes.errors import CtdInputError, input_error
+
+__all__ = ["GenerationConfig", "generate_traces", "write_traces", "resolve_model_path", "traces_stage_config"]
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    batch_size: int = 32
+    do_sample: bool = False
+    temperature: float = 0.7
+    top_p: float = 0.95
+    seed: int = 0
+    attn_implementation: str = "sdpa"
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """``model`` as a folder, or the shipped organism when None."""
+    path = default_organism_path() if model is None else Path(model)
+    if not path.exists():
+        if model is None:
+            raise input_error(path, "the shipped organism is missing", "restore analyses/assets/organism from git, or run `ctd organism train`")
+        raise input_error(path, "model folder not found", "pass --model the folder of a Hugging Face causal LM")
+    return path
+
+
+def _template_for(model_dir: Path, template_name: str | None) -> PromptTemplate:
+    if template_name is not None:
+        return get_template(template_name)
+    if (model_dir / "ctd_organism.json").exists():
+        return get_template("organism")
+    from probes.models import family_of
+
+    family, _ = family_of(model_dir)
+    return default_template(family)
+
+
+def generate_traces(
+    model: str | Path,
+    docs: pd.DataFrame,
+    labels: LabelSpace,
+    template_name: str | None = None,
+    config: GenerationConfig | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+    candidates: list[list[int]] | None = None,
+    hf_model=None,
+    tokenizer=None,
+) -> pd.DataFrame:
+    """Generate and parse one trace per row of ``docs`` (columns ``doc_id``, ``text``, ``gold``...).
+
+    Returns the ``traces.parquet`` frame (DESIGN §4 columns plus mentions, regions and the
+    shortlist-growth curve). ``candidates`` (label ids per document) fill candidate templates.
+    """
+    from tqdm.auto import tqdm
+
+    from probes.models import load_hf_model, load_tokenizer
+
+    config = config or GenerationConfig()
+    if batch_size is not None:
+        config.batch_size = batch_size
+    model_dir = Path(model)
+    template = _template_for(model_dir, template_name)
+    tokenizer = tokenizer or load_tokenizer(model_dir)
+    hf_model = hf_model or load_hf_model(model_dir, attn_implementation=config.attn_implementation)
+    parser = TraceParser(labels, think_close=template.think_close, answer_open=template.answer_open, answer_close=template.answer_close)
+    eos_ids = [tokenizer.eos_token_id]
+    generator = torch.Generator().manual_seed(config.seed)
+
+    rows = []
+    n = len(docs)
+    bar = tqdm(total=n, desc="traces", disable=not progress, file=sys.stderr)
+    for b0 in range(0, n, config.batch_size):
+        batch = docs.iloc[b0 : b0 + config.batch_size]
+        rendered = []
+        for i, (_, doc) in enumerate(batch.iterrows()):
+            cand = None
+            if template.uses_candidates:
+                if candidates is None:
+                    raise CtdInputError(f"template {template.name} needs candidates; pass candidates or use a plain template")
+                cand = [labels.codes[c] for c in candidates[b0 + i]]
+            rendered.append(template.render(doc["text"], cand))
+        encoded = [tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) for text, _ in rendered]
+        prompt_ids = [e["input_ids"] for e in encoded]
+        width = max(len(p) for p in prompt_ids)
+        pad = tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompt_ids])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompt_ids])
+        with torch.no_grad():
+            if config.do_sample:
+                torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+            out = hf_model.generate(
+                input_ids=input_ids,
+                attention_mask=attention,
+                max_new_tokens=config.max_new_tokens,
+                do_sample=config.do_sample,
+                temperature=config.temperature if config.do_sample else None,
+                top_p=config.top_p if config.do_sample else None,
+                top_k=None,
+                pad_token_id=pad,
+                eos_token_id=eos_ids,
+            )
+        for i, (_, doc) in enumerate(batch.iterrows()):
+            generated = out[i, width:].tolist()
+            if tokenizer.eos_token_id in generated:
+                generated = generated[: generated.index(tokenizer.eos_token_id)]
+            prompt_text, doc_span = rendered[i]
+            anchors = [(doc_span[0] + int(a["start"]), doc_span[0] + int(a["end"])) for a in (doc.get("anchors") if "anchors" in doc else []) or []]
+            gold = [int(g) for g in doc["gold"]]
+            near = [int(x) for x in doc["near_miss"]] if "near_miss" in doc and doc["near_miss"] is not None else []
+            parsed = parser.parse(
+                tokenizer,
+                prompt_ids[i],
+                generated,
+                document_span=doc_span,
+                prompt_spans=[tuple(s) for s in encoded[i]["offset_mapping"]],
+                anchors=anchors,
+                gold=gold,
+                near_miss=near,
+            )
+            true_boundary = None
+            if template.family == "organism":
+                at = boundary_char(parsed.text)
+                if at is not None:
+                    _, spans = token_char_spans(tokenizer, generated)
+                    starts = np.array([s for s, _ in spans])
+                    true_boundary = len(prompt_ids[i]) + int(np.searchsorted(starts, at, side="left"))
+            rows.append(
+                {
+                    "doc_id": doc["doc_id"],
+                    "prompt_ids": prompt_ids[i],
+                    "output_ids": generated,
+                    "text": parsed.text,
+                    "shortlist": parsed.shortlist,
+                    "answer": parsed.answer,
+                    "well_formed": parsed.well_formed,
+                    "cot_start": parsed.cot_start,
+                    "cot_end": parsed.cot_end,
+                    "true_boundary": true_boundary,
+                    "document_start": doc_span[0],
+                    "document_end": doc_span[1],
+                    "mentions": [
+                        {"label_id": m.label_id, "token_start": m.token_start, "token_end": m.token_end, "kind": m.kind} for m in parsed.mentions
+                    ],
+                    "regions": parsed.regions.tolist(),
+                    "shortlist_growth": parsed.shortlist_growth.tolist(),
+                    "unknown_answer_codes": parsed.unknown_answer_codes,
+                    "problems": parsed.problems,
+                }
+            )
+        bar.update(len(batch))
+    bar.close()
+    frame = pd.DataFrame(rows)
+    frame["true_boundary"] = frame["true_boundary"].astype("Int64") if len(frame) else frame.get("true_boundary")
+    return frame
+
+
+def traces_stage_config(model_dir: Path, split: str, n_docs: int | None, template_name: str | None, config: GenerationConfig) -> dict:
+    """What identifies a traces stage: rerunning with the same settings reuses its file."""
+    return {
+        "model": str(Path(model_dir).resolve()),
+        "split": split,
+        "n_docs": n_docs,
+        "template": _template_for(Path(model_dir), template_name).name,
+        "generation": dict(config.__dict__),
+    }
+
+
+def write_traces(
+    run_dir: str | Path,
+    dataset,
+    model: str | Path | None = None,
+    split: str = "test",
+    n_docs: int | None = None,
+    template_name: str | None = None,
+    config: GenerationConfig | None = None,
+    progress: bool = True,
+    manifest: Manifest | None = None,
+) -> pd.DataFrame:
+    """The ``traces`` stage: ``labels.parquet``, ``docs.parquet``, ``traces.parquet`` and the manifest."""
+    run_dir = Path(run_dir)
+    model_dir = resolve_model_path(model)
+    config = config or GenerationConfig()
+    docs = dataset.split(split) if split != "all" else dataset.docs
+    if n_docs is not None:
+        docs = docs.head(n_docs)
+    if docs.empty:
+        raise input_error(run_dir, f"no documents in split {split!r}", "choose another --split or a dataset with that split")
+    manifest = manifest or Manifest(run_dir)
+    if not (run_dir / "docs.parquet").exists():
+        dataset.save(run_dir)
+    stage_config = traces_stage_config(model_dir, split, n_docs, template_name, config)
+    manifest.update(model={"path": str(model_dir.resolve())}, dataset={"name": dataset.name, **dataset.info})
+    with manifest.stage("traces", config=stage_config, seed=config.seed) as record:
+        traces = generate_traces(model_dir, docs, dataset.labels, template_name=template_name, config=config, progress=progress)
+        write_parquet(traces, run_dir / "traces.parquet")
+        bad = traces[~traces["well_formed"]]
+        record["outputs"] = ["traces.parquet"]
+        record["counts"] = {"traces": int(len(traces)), "malformed": int(len(bad))}
+    reasons = pd.Series([p for ps in bad["problems"] for p in ps]).str.replace(r" \[.*", "", regex=True).value_counts()
+    detail = ", ".join(f"{k}: {v}" for k, v in reasons.items())
+    print(f"[traces] {len(traces)} traces, {len(bad)} malformed (kept and flagged{': ' + detail if detail else ''})", file=sys.stderr)
+    return traces

@@ -1,0 +1,288 @@
+"""Teacher-forced replay of prompt + trace with hooks that store and reduce activations in place.
+
+One forward pass per batch (the trace is finished, so for a causal model this is exactly what hooks
+would see during generation). Hooks gather the requested points at the requested positions only,
+and reduce each layer's attention pattern inside the hook to per-(query, head, key-region) mass,
+per-(query, head) kurtosis over document keys and value-weighted region mass; the full pattern is
+dropped as soon as the hook returns, so no layer's attention outlives its own hook.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from probes.errors import CtdInputError, CtdNumericalError
+from probes.points import REDUCTIONS, point_of_hook
+from probes.store import DTYPES, SEP, STORE_DIR, ShardWriter
+from probes.typing import HeadZ, Pattern
+
+__all__ = [
+    "CaptureRequest",
+    "CaptureConfig",
+    "capture",
+    "pad_batch",
+    "attention_reductions",
+    "doc_kurtosis",
+]
+
+
+@dataclass
+class CaptureRequest:
+    """One sequence to replay.
+
+    Attributes:
+        doc_id: the document's id (unique in the capture).
+        token_ids: prompt + output token ids.
+        positions: absolute positions whose activations are stored (and used as attention queries).
+        regions: per token, an int region id (key regions of the attention reductions); -1 = ignore.
+        document_mask: per token, whether it is a document key (kurtosis is taken over these).
+        norm_origin, norm_length: normalised position = (position - norm_origin) / norm_length.
+    """
+
+    doc_id: str
+    token_ids: Sequence[int]
+    positions: np.ndarray
+    regions: np.ndarray
+    document_mask: np.ndarray
+    norm_origin: int = 0
+    norm_length: int = 1
+
+    def __post_init__(self):
+        n = len(self.token_ids)
+        self.positions = np.asarray(self.positions, dtype=np.int64)
+        self.regions = np.asarray(self.regions, dtype=np.int64)
+        self.document_mask = np.asarray(self.document_mask, dtype=bool)
+        if len(self.regions) != n or len(self.document_mask) != n:
+            raise CtdInputError(f"capture request {self.doc_id!r}: regions/document_mask must have one entry per token ({n})")
+        if len(self.positions) and (self.positions.min() < 0 or self.positions.max() >= n):
+            raise CtdInputError(f"capture request {self.doc_id!r}: positions must lie in [0, {n})")
+
+
+@dataclass
+class CaptureConfig:
+    """What to capture. ``points`` are TransformerLens hook names (see ``probes.points``)."""
+
+    points: list[str] = field(default_factory=list)
+    attention_layers: list[int] = field(default_factory=list)
+    n_regions: int = 9
+    batch_size: int = 8
+    padding: str = "left"
+    dtype: str = "float16"
+
+    def __post_init__(self):
+        if self.padding not in ("left", "right"):
+            raise CtdInputError(f"padding={self.padding!r}: use 'left' or 'right'")
+        if self.dtype not in DTYPES:
+            raise CtdInputError(f"dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
+
+
+def pad_batch(sequences: list[Sequence[int]], pad_id: int, side: str = "left") -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], np.ndarray]:
+    """Token ids, attention mask and position ids of a padded batch, plus each row's offset.
+
+    With left padding the position ids count from each sequence's first real token, so every
+    real token sees exactly what it would see alone.
+    """
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    offsets = np.zeros(len(sequences), dtype=np.int64)
+    for i, seq in enumerate(sequences):
+        offset = width - len(seq) if side == "left" else 0
+        ids[i, offset : offset + len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[i, offset : offset + len(seq)] = 1
+        offsets[i] = offset
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, positions, offsets
+
+
+def doc_kurtosis(weights: Float[Tensor, "... key"], key_mask: Bool[Tensor, "... key"]) -> Float[Tensor, "..."]:
+    """Pearson kurtosis (normal = 3) of ``weights`` over the keys where ``key_mask`` is set.
+
+    Flat weights (zero variance) and fewer than two keys give 0: no sharp focus.
+    """
+    m = key_mask.to(weights.dtype)
+    n = m.sum(-1).clamp(min=1)
+    mean = (weights * m).sum(-1) / n
+    centred = (weights - mean.unsqueeze(-1)) * m
+    m2 = centred.pow(2).sum(-1) / n
+    m4 = centred.pow(4).sum(-1) / n
+    kurt = m4 / m2.pow(2).clamp(min=1e-30)
+    return torch.where((m2 > 1e-20) & (m.sum(-1) > 1), kurt, torch.zeros_like(kurt))
+
+
+def attention_reductions(
+    pattern: Pattern,
+    query_index: Int[Tensor, "batch nq"],
+    key_regions: Int[Tensor, "batch key"],
+    document_mask: Bool[Tensor, "batch key"],
+    n_regions: int,
+    value_norms: Float[Tensor, "batch head key"] | None = None,
+) -> dict[str, Tensor]:
+    """Reduce a full attention pattern at chosen queries (indices into the padded batch).
+
+    Returns ``region_mass`` [batch, nq, head, region], ``doc_kurtosis`` [batch, nq, head] and,
+    with ``value_norms``, ``value_mass`` [batch, nq, head, region].
+    """
+    b, h, _, k = pattern.shape
+    rows = pattern.gather(2, query_index[:, None, :, None].expand(b, h, query_index.shape[1], k)).float()
+    onehot = torch.zeros(b, k, n_regions, dtype=rows.dtype, device=rows.device)
+    valid = key_regions >= 0
+    onehot[valid.nonzero(as_tuple=True) + (key_regions[valid],)] = 1.0
+    out = {
+        "region_mass": torch.einsum("bhqk,bkr->bqhr", rows, onehot),
+        "doc_kurtosis": doc_kurtosis(rows, document_mask[:, None, None, :].expand_as(rows)).permute(0, 2, 1),
+    }
+    if value_norms is not None:
+        out["value_mass"] = torch.einsum("bhqk,bhk,bkr->bqhr", rows, value_norms.float(), onehot)
+    return out
+
+
+def _head_value_norms(v: Float[Tensor, "batch pos kv_head d_head"], w_o: Float[Tensor, "head d_head d_model"]) -> Float[Tensor, "batch head pos"]:
+    """||v_k W_O^h|| per head and key: what head h would write if it attended only to key k."""
+    n_heads = w_o.shape[0]
+    group = n_heads // v.shape[2]
+    v_heads = v.repeat_interleave(group, dim=2)  # grouped-query attention: kv head of each head
+    writes = torch.einsum("bphd,hdm->bphm", v_heads.float(), w_o.float())
+    return writes.norm(dim=-1).permute(0, 2, 1)
+
+
+def capture(
+    bridge,
+    requests: list[CaptureRequest],
+    run_dir: str | Path,
+    config: CaptureConfig,
+    settings: dict | None = None,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+) -> Path:
+    """Capture ``requests`` into ``<run_dir>/activations``; resumes a capture that was interrupted.
+
+    ``settings`` (model path, ...) join the config in the store's identity: a store made with
+    other settings is never resumed into. ``on_batch(i)`` runs before batch i (tests use it to
+    interrupt a capture at a chosen point).
+    """
+    from tqdm.auto import tqdm
+
+    root = Path(run_dir) / STORE_DIR
+    ids = [r.doc_id for r in requests]
+    if len(set(ids)) != len(ids):
+        raise CtdInputError("capture: document ids must be unique")
+    n_layers = bridge.cfg.n_layers
+    for name in config.points:
+        key, layer = point_of_hook(name)
+        if key == "pattern":
+            raise CtdInputError("capture: the attention pattern is stored only as reductions (attention_layers)")
+        if layer is not None and layer >= n_layers:
+            raise CtdInputError(f"capture: point {name!r} but the model has {n_layers} layers")
+    bad_layers = [l for l in config.attention_layers if not 0 <= l < n_layers]
+    if bad_layers:
+        raise CtdInputError(f"capture: attention layers {bad_layers} out of range (the model has {n_layers})")
+    identity = {**(settings or {}), "config": asdict(config), "docs": ids}
+    writer = ShardWriter(root, identity)
+    store_dtype = DTYPES[config.dtype]
+    pad_id = bridge.tokenizer.pad_token_id if bridge.tokenizer.pad_token_id is not None else 0
+    batches = [requests[i : i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
+    device = bridge.cfg.device
+
+    bar = tqdm(total=len(requests), desc="capture", disable=not progress, file=sys.stderr)
+    for shard_id, batch in enumerate(batches):
+        if writer.done(shard_id):
+            bar.update(len(batch))
+            continue
+        if on_batch is not None:
+            on_batch(shard_id)
+        token_ids, mask, position_ids, offsets = pad_batch([r.token_ids for r in batch], pad_id, config.padding)
+        width = token_ids.shape[1]
+        n_q = max(len(r.positions) for r in batch)
+        # Padded query index per row; rows with fewer positions repeat their last one (trimmed later).
+        query_index = torch.zeros((len(batch), max(n_q, 1)), dtype=torch.long)
+        key_regions = torch.full((len(batch), width), -1, dtype=torch.long)
+        document_mask = torch.zeros((len(batch), width), dtype=torch.bool)
+        for i, r in enumerate(batch):
+            p = torch.as_tensor(r.positions + offsets[i])
+            if len(p):
+                query_index[i, : len(p)] = p
+                query_index[i, len(p) :] = p[-1]
+            key_regions[i, offsets[i] : offsets[i] + len(r.token_ids)] = torch.tensor(r.regions)
+            document_mask[i, offsets[i] : offsets[i] + len(r.token_ids)] = torch.tensor(r.document_mask)
+        query_index, key_regions, document_mask = query_index.to(device), key_regions.to(device), document_mask.to(device)
+        gathered: dict[str, Tensor] = {}
+        value_norms: dict[int, Tensor] = {}
+
+        def store_point(name: str, derive: Callable[[Tensor], Tensor] | None = None):
+            def hook(tensor, hook):
+                rows = tensor.gather(1, query_index.view(*query_index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:]))
+                gathered[name] = (derive(rows) if derive else rows).detach().to("cpu", store_dtype)
+
+            return hook
+
+        hooks = []
+        for name in config.points:
+            key, layer = point_of_hook(name)
+            if key == "head_out":
+                w_o = bridge.blocks[layer].attn.W_O.detach()
+                hooks.append((f"blocks.{layer}.attn.hook_z", store_point(name, lambda z, w=w_o: torch.einsum("bqhd,hdm->bqhm", z, w))))
+            else:
+                hooks.append((name, store_point(name)))
+        for layer in config.attention_layers:
+            w_o = bridge.blocks[layer].attn.W_O.detach()
+
+            def v_hook(v, hook, layer=layer, w_o=w_o):
+                value_norms[layer] = _head_value_norms(v.detach(), w_o)
+
+            def pattern_hook(pattern, hook, layer=layer):
+                reduced = attention_reductions(pattern.detach(), query_index, key_regions, document_mask, config.n_regions, value_norms.pop(layer, None))
+                for what, tensor in reduced.items():
+                    gathered[REDUCTIONS[what][0].format(layer=layer)] = tensor.to("cpu", torch.float32)
+
+            hooks += [(f"blocks.{layer}.attn.hook_v", v_hook), (f"blocks.{layer}.attn.hook_pattern", pattern_hook)]
+
+        with torch.no_grad():
+            bridge.run_with_hooks(
+                token_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=position_ids.to(device),
+                fwd_hooks=hooks,
+                return_type=None,
+            )
+        tensors: dict[str, Tensor] = {}
+        for i, r in enumerate(batch):
+            n = len(r.positions)
+            tensors[f"{r.doc_id}{SEP}positions"] = torch.as_tensor(r.positions, dtype=torch.int64)
+            for name, value in gathered.items():
+                rows = value[i, :n]
+                if not torch.isfinite(rows.float()).all():
+                    bad = int((~torch.isfinite(rows.float())).nonzero()[0, 0])
+                    raise CtdNumericalError(f"capture: non-finite values in {name} for {r.doc_id!r} at position {int(r.positions[bad])}; check the model's dtype and weights")
+                tensors[f"{r.doc_id}{SEP}{name}"] = rows.clone()
+        writer.write(shard_id, tensors, [r.doc_id for r in batch])
+        bar.update(len(batch))
+    bar.close()
+
+    index_rows = []
+    shard_of = {doc: int(sid) for sid, docs in writer.shard_docs.items() for doc in docs}
+    for r in requests:
+        norm = (r.positions - r.norm_origin) / max(r.norm_length, 1)
+        index_rows.append(
+            pd.DataFrame(
+                {
+                    "doc_id": r.doc_id,
+                    "position": r.positions,
+                    "norm_position": norm.astype(np.float32),
+                    "region": r.regions[r.positions].astype(np.int8) if len(r.positions) else np.zeros(0, np.int8),
+                    "shard": shard_of[r.doc_id],
+                }
+            )
+        )
+    writer.finish(pd.concat(index_rows, ignore_index=True) if index_rows else pd.DataFrame())
+    return root

@@ -1,0 +1,238 @@
+"""Load any supported Hugging Face causal LM from a local folder into a TransformerBridge.
+
+Everything is offline: the tokenizer is read from disk and passed in explicitly (a tokenizer saved in
+its own ``tokenizer/`` sub-folder is preferred, since one saved next to a Qwen ``config.json`` can be
+mangled on reload), attention is eager (attention weights are what the suite reads), and the loaded
+model is checked loudly: attention rows sum to 1, the hooks the suite reads exist, the tokenizer
+round-trips text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from probes.errors import CtdError, CtdInputError, input_error
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES",
+    "family_of",
+    "load_tokenizer",
+    "load_hf_model",
+    "load_model",
+    "build_tiny_model",
+    "ModelInfo",
+]
+
+# Architecture name in config.json -> family key used by prompt templates.
+SUPPORTED_ARCHITECTURES = {
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+    "LlamaForCausalLM": "llama",
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the suite records about a loaded model (manifest ``model`` entry)."""
+
+    path: str
+    family: str
+    architecture: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_model: int
+    d_head: int
+    d_vocab: int
+
+
+def _offline() -> None:
+    # No machine here reaches a hub: make any accidental download fail fast instead of hanging.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def _read_config(path: Path) -> dict:
+    if not path.exists():
+        raise input_error(path, "model folder not found", "pass the folder of a Hugging Face model (config.json + weights)")
+    if not path.is_dir():
+        raise input_error(path, "not a folder", "pass the folder of a Hugging Face model, not a file")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise input_error(config_path, "file not found", "the model folder needs the config.json saved by save_pretrained")
+    try:
+        return json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise input_error(config_path, f"malformed JSON ({exc.msg})", "restore the model's config.json", exc.lineno) from None
+
+
+def family_of(path: str | Path) -> tuple[str, str]:
+    """``(family, architecture)`` of the model in ``path``; an unsupported architecture is an input error."""
+    path = Path(path)
+    config = _read_config(path)
+    architectures = config.get("architectures") or []
+    for arch in architectures:
+        if arch in SUPPORTED_ARCHITECTURES:
+            return SUPPORTED_ARCHITECTURES[arch], arch
+    shown = architectures[0] if architectures else config.get("model_type", "unknown")
+    raise input_error(
+        path / "config.json",
+        f"unsupported architecture {shown!r}",
+        f"use a model of one of {sorted(SUPPORTED_ARCHITECTURES)}",
+    )
+
+
+def _tokenizer_dir(path: Path) -> Path:
+    sub = path / "tokenizer"
+    if sub.is_dir() and any((sub / f).exists() for f in _TOKENIZER_FILES):
+        return sub
+    if any((path / f).exists() for f in _TOKENIZER_FILES):
+        return path
+    raise input_error(path, "no tokenizer files", "save the tokenizer with save_pretrained into <model>/tokenizer/")
+
+
+def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
+    """The model's tokenizer from ``path/tokenizer/`` (preferred) or ``path``; left padding; round-trip checked."""
+    from transformers import AutoTokenizer
+
+    _offline()
+    folder = _tokenizer_dir(Path(path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise input_error(folder, f"cannot load tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", "save it again with save_pretrained") from None
+    tokenizer.padding_side = "left"  # batched generation and capture assume left padding
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    sample = "Chronic systolic heart failure, I50.22."
+    decoded = tokenizer.decode(tokenizer.encode(sample, add_special_tokens=False))
+    if decoded.strip() != sample:
+        raise CtdError(f"{folder}: tokenizer does not round-trip text ({sample!r} -> {decoded!r}); the saved tokenizer is damaged")
+    return tokenizer
+
+
+def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "eager", trust_remote_code: bool = False):
+    """The plain Hugging Face model (for generation with its KV cache), in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    _offline()
+    path = Path(path)
+    family_of(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path),
+            dtype=dtype,
+            attn_implementation=attn_implementation,
+            local_files_only=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise input_error(path, f"cannot load weights ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", "check the safetensors files and config.json") from None
+    return model.to(device).eval()
+
+
+def _validate_bridge(bridge, tokenizer, path: Path) -> None:
+    names = set(bridge.hook_dict)
+    needed = [f"blocks.{layer}.{point}" for layer in range(bridge.cfg.n_layers) for point in ("hook_resid_post", "attn.hook_pattern", "attn.hook_z")]
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise CtdError(f"{path}: the bridge lacks hooks {missing[:3]}...; this architecture is not readable with eager attention")
+    ids = torch.tensor([tokenizer.encode("Assessment: chronic heart failure.", add_special_tokens=False)[:16]], device=bridge.cfg.device)
+    patterns = []
+    with torch.no_grad():
+        bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: patterns.append(t.detach()))])
+    if not patterns:
+        raise CtdError(f"{path}: attention pattern hook never fired; eager attention is required")
+    sums = patterns[0].float().sum(-1)
+    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+        raise CtdError(f"{path}: attention rows do not sum to 1 (max deviation {float((sums - 1).abs().max()):.2e})")
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, validate: bool = True):
+    """A TransformerBridge over the causal LM in ``path`` (offline, eager attention, tokenizer from disk).
+
+    Returns the bridge; ``bridge.tokenizer`` is the tokenizer and ``bridge.ctd_info`` a :class:`ModelInfo`.
+    A missing folder or an unsupported architecture is a one-line ``CtdInputError``.
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    path = Path(path)
+    family, architecture = family_of(path)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    hf_model = load_hf_model(path, device=device, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
+    bridge = TransformerBridge.boot_transformers(
+        str(path), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+    )
+    bridge.eval()
+    if validate:
+        _validate_bridge(bridge, tokenizer, path)
+    cfg = bridge.cfg
+    bridge.ctd_info = ModelInfo(
+        path=str(path.resolve()),
+        family=family,
+        architecture=architecture,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        n_kv_heads=int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads),
+        d_model=cfg.d_model,
+        d_head=cfg.d_head,
+        d_vocab=cfg.d_vocab,
+    )
+    return bridge
+
+
+def build_tiny_model(
+    family: str,
+    folder: str | Path,
+    tokenizer,
+    n_layers: int = 2,
+    d_model: int = 64,
+    n_heads: int = 4,
+    n_kv_heads: int = 2,
+    d_mlp: int = 128,
+    max_positions: int = 1024,
+    seed: int = 0,
+) -> Path:
+    """Save a tiny random-weight Qwen2, Qwen3 or Llama model plus ``tokenizer`` to ``folder`` (tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    classes = {
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": d_model // n_heads}),
+        "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    }
+    if family not in classes:
+        raise CtdInputError(f"build_tiny_model: unknown family {family!r}; use one of {sorted(classes)}")
+    config_cls, model_cls, extra = classes[family]
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        **extra,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    # Random init at std 0.02 gives near-uniform attention; a larger scale makes patterns and
+    # greedy choices sharper, so parity tests compare something non-trivial.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.15)
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return folder

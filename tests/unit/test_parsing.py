@@ -1,0 +1,121 @@
+import numpy as np
+import pytest
+
+from analyses.organism import build_corpus, teacher_trace, train_tokenizer
+from analyses.parsing import GROWTH_GRID, Region, TraceParser, token_char_spans
+from analyses.prompts import get_template
+from analyses.tasks.labels import LabelSpace
+
+
+@pytest.fixture(scope="module")
+def space():
+    return LabelSpace(
+        name="toy",
+        codes=["I50.21", "I50.22", "I10", "E11.9", "I50.9"],
+        texts=[
+            "Acute systolic (congestive) heart failure",
+            "Chronic systolic (congestive) heart failure",
+            "Essential (primary) hypertension",
+            "Type 2 diabetes mellitus without complications",
+            "Heart failure, unspecified",
+        ],
+        aliases=[[], [], ["high blood pressure"], [], []],
+        parents=["I50.2", "I50.2", None, None, "I50"],
+    )
+
+
+@pytest.fixture(scope="module")
+def tok(space):
+    texts = ["<note> Presents with chronic systolic heart failure. Denies high blood pressure. </note>\n<think>\n"]
+    texts += ["Candidates: I50.21, I50.22, I10.\nCheck I50.22: chronic -> keep.\n</think>\n<answer>I50.22</answer>"] * 5
+    return train_tokenizer(texts + space.texts, vocab_size=400)
+
+
+def _parse(parser, tok, prompt, output, **kw):
+    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    out_ids = tok.encode(output, add_special_tokens=False)
+    return enc["input_ids"], parser.parse(tok, enc["input_ids"], out_ids, prompt_spans=[tuple(s) for s in enc["offset_mapping"]], **kw)
+
+
+def test_code_and_text_mentions(space):
+    parser = TraceParser(space)
+    text = "Maybe I50.22 or chronic systolic heart failure; not essential hypertension (I10)."
+    found = [(space.codes[l], text[s:e], kind) for l, s, e, kind in parser.find_mentions(text)]
+    assert ("I50.22", "I50.22", "code") in found
+    assert ("I50.22", "chronic systolic heart failure", "text") in found  # parentheses normalised away
+    assert ("I10", "essential hypertension", "text") in found
+    assert ("I10", "I10", "code") in found
+
+
+def test_overlapping_mentions_keep_the_longest(space):
+    parser = TraceParser(space)
+    # "heart failure, unspecified" (I50.9) contains no other label text; "chronic systolic heart
+    # failure" contains "heart failure" which is no label of its own: one mention, the long one.
+    text = "chronic systolic heart failure unspecified"
+    found = parser.find_mentions(text)
+    assert [(space.codes[l], text[s:e]) for l, s, e, _ in found] == [("I50.22", "chronic systolic heart failure")]
+    both = LabelSpace(name="nested", codes=["A", "B"], texts=["heart failure", "chronic heart failure"])
+    p2 = TraceParser(both)
+    t2 = "chronic heart failure and heart failure"
+    assert [(both.codes[l], t2[s:e]) for l, s, e, _ in p2.find_mentions(t2)] == [("B", "chronic heart failure"), ("A", "heart failure")]
+
+
+def test_well_formed_trace_regions_and_growth(space, tok):
+    parser = TraceParser(space)
+    tmpl = get_template("organism")
+    prompt, doc_span = tmpl.render("Presents with chronic systolic heart failure. Denies high blood pressure.")
+    anchor = (prompt.index("chronic"), prompt.index("chronic") + len("chronic systolic heart failure"))
+    output = "Candidates: I50.21, I50.22, I10.\nCheck I50.21: acute not noted -> drop.\nCheck I50.22: chronic -> keep.\n</think>\n<answer>I50.22</answer>"
+    prompt_ids, parsed = _parse(parser, tok, prompt, output, document_span=doc_span, anchors=[anchor], gold=[1], near_miss=[0])
+    assert parsed.well_formed and parsed.problems == []
+    assert parsed.answer == [1]
+    assert parsed.shortlist == [0, 1, 2]
+    n = len(prompt_ids)
+    assert parsed.cot_start == n and parsed.cot_end > n
+    r = parsed.regions
+    assert (r[:n] != Region.COT).all() and Region.ANCHOR in r[:n] and Region.DOCUMENT in r[:n]
+    assert Region.MENTION_GOLD in r and Region.MENTION_NEAR_MISS in r and Region.MENTION_OTHER in r
+    assert Region.ANSWER in r[parsed.cot_end :]
+    # every mention's tokens decode back to the code
+    for m in parsed.mentions:
+        ids = tok.encode(output, add_special_tokens=False)[m.token_start - n : m.token_end - n]
+        assert space.codes[m.label_id] in tok.decode(ids)
+    assert parsed.shortlist_growth[-1] == 1.0 and np.all(np.diff(parsed.shortlist_growth) >= 0)
+    assert len(parsed.shortlist_growth) == len(GROWTH_GRID)
+
+
+def test_no_answer_no_close_unknown_codes_and_garbage(space, tok):
+    parser = TraceParser(space)
+    prompt = "<note> x </note>\n<think>\n"
+    _, no_close = _parse(parser, tok, prompt, "Candidates: I50.22. Check I50.22: chronic -> keep.")
+    assert not no_close.well_formed and "no think close" in no_close.problems and no_close.shortlist == [1]
+    _, no_answer = _parse(parser, tok, prompt, "Candidates: I10.\n</think>\nThe answer is I10.")
+    assert not no_answer.well_formed and "no answer" in no_answer.problems and no_answer.answer == []
+    _, unknown = _parse(parser, tok, prompt, "Candidates: I10.\n</think>\n<answer>I10, Z99.99</answer>")
+    assert not unknown.well_formed and unknown.unknown_answer_codes == ["Z99.99"] and unknown.answer == [2]
+    _, garbage = _parse(parser, tok, prompt, "@@@ ### \x00 ÿÿ </answer><answer>")
+    assert not garbage.well_formed and garbage.shortlist == [] and garbage.answer == []
+    _, by_text = _parse(parser, tok, prompt, "</think>\n<answer>essential hypertension; I50.22</answer>")
+    assert by_text.well_formed and by_text.answer == [2, 1]
+
+
+def test_token_char_spans_cover_text(tok):
+    text = "Check I50.22: chronic → keep ✓."
+    ids = tok.encode(text, add_special_tokens=False)
+    decoded, spans = token_char_spans(tok, ids)
+    assert decoded == text
+    assert spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(a[1] <= b[1] for a, b in zip(spans, spans[1:]))
+
+
+def test_teacher_trace_parses_back(heart_labels, heart_notes):
+    parser = TraceParser(heart_labels)
+    rng = np.random.default_rng(0)
+    for _, row in heart_notes.head(30).iterrows():
+        trace = teacher_trace(row, heart_labels, rng)
+        mentions = parser.find_mentions(trace, 0, trace.index("</think>"))
+        shortlist = {m[0] for m in mentions}
+        assert set(row["gold"]) <= shortlist
+        answer = trace[trace.index("<answer>") + 8 : trace.index("</answer>")].split(", ")
+        assert sorted(answer) == sorted(heart_labels.codes[g] for g in row["gold"])
+        assert trace.index("Check ") > trace.index("Candidates:")
