@@ -64,12 +64,13 @@ def capture_run(
     padding: str = "left",
     progress: bool = True,
     model=None,
+    manifest: Manifest | None = None,
 ) -> Path:
     """Capture the run's traces with the run's model; resumable (finished shards are kept)."""
     from probes.models import load_model
 
     run_dir = Path(run_dir)
-    manifest = Manifest(run_dir)
+    manifest = manifest or Manifest(run_dir)
     model_path = manifest.data.get("model", {}).get("path")
     if not model_path:
         raise input_error(manifest.path, "no model recorded for this run", "run `ctd traces --out DIR` first")

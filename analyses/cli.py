@@ -96,6 +96,33 @@ def _cmd_traces(args) -> int:
     return 0
 
 
+def _cmd_capture(args) -> int:
+    from analyses.capture_stage import capture_run
+
+    layers = args.attention_layers
+    if layers not in ("all", "none"):
+        try:
+            layers = [int(x) for x in layers.split(",") if x.strip()]
+        except ValueError:
+            raise CtdInputError(f"--attention-layers {args.attention_layers!r}: use all, none or a list like 0,1,2") from None
+    points = [p for item in (args.points or []) for p in item.split(",") if p]
+    capture_run(args.run, points=points or None, attention_layers=layers, positions=args.positions, batch_size=args.batch_size, dtype=args.dtype, padding=args.padding)
+    return 0
+
+
+def _cmd_characterize(args) -> int:
+    from analyses.characterize import characterize_run
+
+    results = characterize_run(args.run, n_boot=args.n_boot, seed=args.seed)
+    errors = results["boundary"].errors()
+    if not errors.empty:
+        print(errors.to_string(index=False))
+    for score in ("coarse", "refine"):
+        top = results["head_scores"].top(score, 3)
+        print(f"top {score} heads: " + ", ".join(f"L{r.layer}H{r.head} {r.value:.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]" for r in top.itertuples()))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctd", description="characterize-then-distill: phases of label selection in reasoning models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--seed", type=int)
     traces.add_argument("--opt", action="append", help="dataset option KEY=VALUE (repeatable)")
     traces.set_defaults(func=_cmd_traces)
+
+    cap = sub.add_parser("capture", help="replay a run's traces and store activations and attention statistics")
+    cap.add_argument("--run", required=True, help="run directory with traces.parquet")
+    cap.add_argument("--points", nargs="+", help="points: keys (resid_post = every layer), KEY@LAYER, or hook names (default resid_post)")
+    cap.add_argument("--positions", default="output", choices=["output", "cot", "mentions", "all"])
+    cap.add_argument("--attention-layers", default="all", help="layers whose attention is reduced: all, none or 0,1,...")
+    cap.add_argument("--batch-size", type=int, default=8)
+    cap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    cap.add_argument("--padding", default="left", choices=["left", "right"])
+    cap.set_defaults(func=_cmd_capture)
+
+    char = sub.add_parser("characterize", help="dynamics, boundary, head scores, attribution, probes and logit lens")
+    char.add_argument("--run", required=True, help="run directory with traces and activations")
+    char.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for CIs")
+    char.add_argument("--seed", type=int, default=0)
+    char.set_defaults(func=_cmd_characterize)
 
     data = sub.add_parser("data", help="inspect dataset sources")
     data_sub = data.add_subparsers(dest="data_command", required=True)

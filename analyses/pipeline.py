@@ -14,7 +14,7 @@ __all__ = ["run_study", "STAGES"]
 
 # Every stage of DESIGN §4 in order; the ones not built yet are listed so a run says so plainly.
 STAGES = ("data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report")
-_BUILT = {"data", "traces"}
+_BUILT = {"data", "traces", "capture"}
 
 
 def _check_same_config(manifest: Manifest, stage: str, config: dict) -> None:
@@ -64,6 +64,16 @@ def _stage_traces(config: RunConfig, run_dir: Path, manifest: Manifest, dataset:
     write_traces(run_dir, dataset, model=model_dir, split=config.split, n_docs=n_docs, config=generation, manifest=manifest)
 
 
+def _stage_capture(config: RunConfig, run_dir: Path, manifest: Manifest) -> None:
+    from analyses.capture_stage import capture_run
+
+    # capture_run resumes by itself: finished shards are kept, a changed setting is refused.
+    if manifest.is_complete("capture") and (run_dir / "activations" / "index.parquet").exists():
+        print("[capture] complete", file=sys.stderr)
+        return
+    capture_run(run_dir, points=["resid_post", "head_out"], positions="output", batch_size=8, manifest=manifest)
+
+
 def run_study(config: RunConfig) -> Path:
     """Run every built stage into ``config.out`` and say which stages are not built yet."""
     run_dir = Path(config.out)
@@ -72,6 +82,7 @@ def run_study(config: RunConfig) -> Path:
     manifest.update(config=config.to_dict())
     dataset = _stage_data(config, run_dir, manifest)
     _stage_traces(config, run_dir, manifest, dataset)
+    _stage_capture(config, run_dir, manifest)
     missing = [s for s in STAGES if s not in _BUILT]
     if missing:
         print(f"[run] not built yet: {', '.join(missing)} (see the open issues)", file=sys.stderr)

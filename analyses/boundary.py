@@ -1,0 +1,184 @@
+"""Phase boundary τ per trace: three estimators side by side (DESIGN §2), registered by name.
+
+- ``fixed``: τ = 0.5 of the CoT (the published convention).
+- ``behavioural``: one change point (ruptures) of the per-token shortlist-growth curve together
+  with the Focus and Confusion curves.
+- ``internal``: one change point of a per-token multichannel signal read from the model's internals:
+  per layer, the attention mass its heads send to the document and to the CoT's own label
+  mentions, the sharpness (kurtosis) of attention over the document, and the leading principal
+  components of the final residual stream. It never sees the true boundary, nor any token or
+  phrase that marks it: the same code runs on models whose trace format nobody knows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import ruptures
+
+from analyses.results import FrameResult
+from analyses.figures import ESTIMATOR_COLOURS, themed
+from analyses.parsing import Region
+
+__all__ = ["Boundary", "ESTIMATORS", "register_estimator", "change_point", "internal_signal", "behavioural_signal", "estimate_boundaries"]
+
+
+class Boundary(FrameResult):
+    """``frame`` columns: doc_id, estimator, tau_token, tau_norm, true_token, abs_error_tokens, cot_length."""
+
+    REQUIRED = ("doc_id", "estimator", "tau_token", "tau_norm", "true_token", "abs_error_tokens")
+
+    def medians(self) -> dict[str, float]:
+        return self.frame.groupby("estimator")["tau_norm"].median().to_dict()
+
+    def errors(self) -> pd.DataFrame:
+        """Median absolute error per estimator, in tokens and as a fraction of the CoT length."""
+        f = self.frame.dropna(subset=["abs_error_tokens"])
+        if f.empty:
+            return pd.DataFrame(columns=["estimator", "median_abs_error_tokens", "median_abs_error_frac", "n"])
+        f = f.assign(frac=f["abs_error_tokens"] / f["cot_length"].clip(lower=1))
+        return f.groupby("estimator").agg(median_abs_error_tokens=("abs_error_tokens", "median"), median_abs_error_frac=("frac", "median"), n=("doc_id", "count")).reset_index()
+
+    def figure(self) -> go.Figure:
+        """Histogram of boundary errors (fraction of CoT) per estimator, or of τ when no truth is known."""
+        fig = go.Figure()
+        has_truth = self.frame["abs_error_tokens"].notna().any()
+        for estimator, group in self.frame.groupby("estimator", sort=False):
+            if has_truth:
+                values = (group["tau_token"] - group["true_token"]) / group["cot_length"].clip(lower=1)
+            else:
+                values = group["tau_norm"]
+            fig.add_trace(go.Histogram(x=values, name=estimator, opacity=0.6, marker_color=ESTIMATOR_COLOURS.get(estimator), xbins=dict(size=0.025)))
+        fig.update_layout(barmode="overlay")
+        if has_truth:
+            return themed(fig, "Phase-boundary error per trace", "estimated − true boundary (fraction of CoT length)", "traces (count)")
+        return themed(fig, "Estimated phase boundary per trace", "τ (normalised CoT position)", "traces (count)")
+
+
+
+def change_point(signal: np.ndarray, min_size: int = 3, model: str = "l2") -> int:
+    """Index (0-based, into the signal's rows) where the single best break starts.
+
+    Channels are standardised first so that none dominates by scale; the break is found exactly
+    (ruptures' dynamic programming with one break).
+    """
+    x = np.asarray(signal, dtype=np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    n = len(x)
+    if n < 2 * min_size + 1:
+        return n // 2
+    x = x[:, x.std(0) > 1e-9]
+    if x.shape[1] == 0:
+        return n // 2
+    x = (x - x.mean(0)) / x.std(0)
+    algo = ruptures.Dynp(model=model, min_size=min_size, jump=1).fit(x)
+    return int(algo.predict(n_bkps=1)[0])
+
+
+def behavioural_signal(trace, dynamics_row: dict[str, np.ndarray] | None, grid: np.ndarray) -> np.ndarray:
+    """[T, channels]: shortlist growth per CoT token, plus Focus and Confusion interpolated per token."""
+    cot_start, cot_end = int(trace.cot_start), int(trace.cot_end)
+    T = max(cot_end - cot_start, 1)
+    growth = np.zeros(T)
+    seen: set[int] = set()
+    firsts = sorted((int(m["token_start"]) - cot_start, int(m["label_id"])) for m in trace.mentions if cot_start <= int(m["token_start"]) < cot_end)
+    total = len({lab for _, lab in firsts}) or 1
+    pointer = 0
+    for t in range(T):
+        while pointer < len(firsts) and firsts[pointer][0] <= t:
+            seen.add(firsts[pointer][1])
+            pointer += 1
+        growth[t] = len(seen) / total
+    channels = [growth]
+    if dynamics_row is not None:
+        positions = np.arange(T) / T
+        for key in ("focus", "confusion"):
+            values = dynamics_row.get(key)
+            if values is not None and np.isfinite(values).all():
+                channels.append(np.interp(positions, grid, values))
+    return np.stack(channels, axis=1)
+
+
+def internal_signal(store, doc_id: str, cot_start: int, cot_end: int, layers: list[int], pca=None) -> np.ndarray:
+    """[T, channels] from the activation store for the CoT tokens of one trace."""
+    channels = []
+    document = [int(Region.DOCUMENT), int(Region.ANCHOR)]
+    mentions = [int(Region.MENTION_GOLD), int(Region.MENTION_NEAR_MISS), int(Region.MENTION_OTHER)]
+    positions = None
+    for layer in layers:
+        pos, mass = store.read(doc_id, f"blocks.{layer}.attn.hook_pattern:region_mass")
+        _, kurt = store.read(doc_id, f"blocks.{layer}.attn.hook_pattern:doc_kurtosis")
+        keep = ((pos >= cot_start) & (pos < cot_end)).numpy()
+        positions = pos.numpy()[keep]
+        m = mass.numpy()[keep]  # [T, head, region]
+        channels.append(m[:, :, document].sum(-1).mean(1))
+        channels.append(m[:, :, mentions].sum(-1).mean(1))
+        channels.append(np.log1p(kurt.numpy()[keep]).mean(1))
+    if pca is not None:
+        last = f"blocks.{max(layers)}.hook_resid_post"
+        pos, resid = store.read(doc_id, last)
+        keep = ((pos >= cot_start) & (pos < cot_end)).numpy()
+        channels.extend(pca.transform(resid.float().numpy()[keep]).T)
+    signal = np.stack(channels, axis=1)
+    if positions is not None and len(positions) != cot_end - cot_start:
+        raise ValueError(f"{doc_id}: the store lacks some CoT positions; capture with --positions output or cot")
+    return signal
+
+
+ESTIMATORS: dict[str, Callable] = {}
+
+
+def register_estimator(name: str):
+    def decorate(fn):
+        ESTIMATORS[name] = fn
+        return fn
+
+    return decorate
+
+
+@register_estimator("fixed")
+def _fixed(trace, **_) -> int:
+    T = int(trace.cot_end) - int(trace.cot_start)
+    return int(round(0.5 * T))
+
+
+@register_estimator("behavioural")
+def _behavioural(trace, dynamics_row=None, grid=None, min_size=3, **_) -> int:
+    return change_point(behavioural_signal(trace, dynamics_row, grid), min_size=min_size)
+
+
+@register_estimator("internal")
+def _internal(trace, store=None, layers=None, pca=None, min_size=3, **_) -> int:
+    signal = internal_signal(store, str(trace.doc_id), int(trace.cot_start), int(trace.cot_end), layers, pca)
+    return change_point(signal, min_size=min_size)
+
+
+def estimate_boundaries(traces: pd.DataFrame, estimators=("fixed", "behavioural", "internal"), **context) -> Boundary:
+    """Run each estimator on each trace; ``context`` passes what they need (store, dynamics, ...)."""
+    dynamics_rows: dict[str, dict[str, np.ndarray]] = context.pop("dynamics_rows", {})
+    rows = []
+    for trace in traces.itertuples(index=False):
+        T = int(trace.cot_end) - int(trace.cot_start)
+        true_token = None if pd.isna(trace.true_boundary) else int(trace.true_boundary)
+        for name in estimators:
+            offset = ESTIMATORS[name](trace, dynamics_row=dynamics_rows.get(trace.doc_id), **context)
+            tau_token = int(trace.cot_start) + int(offset)
+            rows.append(
+                {
+                    "doc_id": trace.doc_id,
+                    "estimator": name,
+                    "tau_token": tau_token,
+                    "tau_norm": offset / max(T, 1),
+                    "true_token": true_token,
+                    "abs_error_tokens": None if true_token is None else abs(tau_token - true_token),
+                    "cot_length": T,
+                }
+            )
+    frame = pd.DataFrame(rows)
+    frame["true_token"] = frame["true_token"].astype("Int64")
+    frame["abs_error_tokens"] = frame["abs_error_tokens"].astype("Float64")
+    return Boundary(frame, {"estimators": list(estimators), "change_point": "ruptures Dynp, l2 cost, 1 break, channels standardised"})
