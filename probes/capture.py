@@ -117,7 +117,9 @@ def doc_kurtosis(weights: Float[Tensor, "... key"], key_mask: Bool[Tensor, "... 
     m2 = centred.pow(2).sum(-1) / n
     m4 = centred.pow(4).sum(-1) / n
     kurt = m4 / m2.pow(2).clamp(min=1e-30)
-    return torch.where((m2 > 1e-20) & (m.sum(-1) > 1), kurt, torch.zeros_like(kurt))
+    # Variance below float rounding of the mean counts as flat.
+    flat = m2 <= (1e-6 * mean.abs()).pow(2) + 1e-30
+    return torch.where(~flat & (m.sum(-1) > 1), kurt, torch.zeros_like(kurt))
 
 
 def attention_reductions(
