@@ -388,14 +388,14 @@ def compute_lens(store, bridge, traces, docs, labels, n_boot: int, seed: int) ->
 # the stage
 
 
-def characterize_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0, progress: bool = True, model=None) -> dict[str, FrameResult]:
+def characterize_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0, progress: bool = True, model=None, manifest: Manifest | None = None) -> dict[str, FrameResult]:
     """Compute and write every characterisation result of a run; returns them by file stem."""
     from sklearn.decomposition import PCA
 
     from probes.models import load_model
 
     run_dir = Path(run_dir)
-    manifest = Manifest(run_dir)
+    manifest = manifest or Manifest(run_dir)
     model_path = manifest.data.get("model", {}).get("path")
     if not model_path:
         raise input_error(manifest.path, "no model recorded for this run", "run `ctd traces` first")

@@ -14,7 +14,7 @@ __all__ = ["run_study", "STAGES"]
 
 # Every stage of DESIGN §4 in order; the ones not built yet are listed so a run says so plainly.
 STAGES = ("data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report")
-_BUILT = {"data", "traces", "capture"}
+_BUILT = {"data", "traces", "capture", "characterize"}
 
 
 def _check_same_config(manifest: Manifest, stage: str, config: dict) -> None:
@@ -74,6 +74,17 @@ def _stage_capture(config: RunConfig, run_dir: Path, manifest: Manifest) -> None
     capture_run(run_dir, points=["resid_post", "head_out"], positions="output", batch_size=8, manifest=manifest)
 
 
+def _stage_characterize(config: RunConfig, run_dir: Path, manifest: Manifest) -> None:
+    from analyses.characterize import characterize_run
+
+    n_boot = 200 if config.quick else 1000
+    _check_same_config(manifest, "characterize", {"n_boot": n_boot, "seed": config.seed})
+    if manifest.is_complete("characterize") and (run_dir / "boundary.parquet").exists():
+        print("[characterize] complete", file=sys.stderr)
+        return
+    characterize_run(run_dir, n_boot=n_boot, seed=config.seed, manifest=manifest)
+
+
 def run_study(config: RunConfig) -> Path:
     """Run every built stage into ``config.out`` and say which stages are not built yet."""
     run_dir = Path(config.out)
@@ -83,6 +94,7 @@ def run_study(config: RunConfig) -> Path:
     dataset = _stage_data(config, run_dir, manifest)
     _stage_traces(config, run_dir, manifest, dataset)
     _stage_capture(config, run_dir, manifest)
+    _stage_characterize(config, run_dir, manifest)
     missing = [s for s in STAGES if s not in _BUILT]
     if missing:
         print(f"[run] not built yet: {', '.join(missing)} (see the open issues)", file=sys.stderr)

@@ -40,3 +40,28 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
 
     root = tmp_path_factory.mktemp("tiny")
     return {family: build_tiny_model(family, root / family, tiny_tokenizer, seed=i) for i, family in enumerate(("qwen2", "qwen3", "llama"))}
+
+
+@pytest.fixture(scope="session")
+def organism_path():
+    from analyses.organism import default_organism_path
+
+    path = default_organism_path()
+    assert (path / "config.json").exists(), "the shipped organism is missing: restore analyses/assets/organism"
+    return path
+
+
+@pytest.fixture(scope="session")
+def organism_run(tmp_path_factory, organism_path):
+    """A full run on the organism: 60 held-out notes, traces, capture and characterize."""
+    from analyses.capture_stage import capture_run
+    from analyses.characterize import characterize_run
+    from analyses.tasks.sources import load_dataset
+    from analyses.traces import write_traces
+
+    run = tmp_path_factory.mktemp("organism_run")
+    dataset = load_dataset("icd10cm", chapters=["9"], n_docs=600, seed=0)
+    write_traces(run, dataset, model=organism_path, split="test", n_docs=60, progress=False)
+    capture_run(run, points=["resid_post", "head_out"], progress=False)
+    results = characterize_run(run, n_boot=300, progress=False)
+    return run, results

@@ -1,0 +1,106 @@
+"""Probe bank vs a loop of scikit-learn fits over the same (layer, bucket) grid, in one run.
+
+Usage: python bench/probes.py [--run DIR] [--target phase]
+With --run, the problems are the run's real probe problems (captured residuals); without, a
+synthetic grid of the organism's shape (4 layers x 5 buckets, d_model 256). Prints both timings,
+the ratio, and the largest accuracy difference (the bank must match scikit-learn within 0.01).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from probes.linear import ProbeProblem, evaluate_bank, fit_probe_bank, split_by_document  # noqa: E402
+
+
+def synthetic(layers=4, buckets=5, n=2000, d=256, seed=0):
+    rng = np.random.default_rng(seed)
+    problems = []
+    for layer in range(layers):
+        for bucket in range(buckets):
+            docs = np.repeat(np.arange(n // 20), 20).astype(str)
+            w = rng.normal(size=d)
+            x = rng.normal(size=(n, d)).astype(np.float32)
+            y = (x @ w + rng.normal(scale=8, size=n) > 0).astype(int)
+            problems.append(ProbeProblem(("synthetic", layer, bucket), x, y, docs))
+    return problems
+
+
+def from_run(run: Path, target: str):
+    import pandas as pd
+
+    from analyses.characterize import _probe_rows
+    from analyses.io import read_parquet
+    from analyses.tasks.sources import Dataset
+    from probes.store import open_store
+
+    store = open_store(run)
+    traces = read_parquet(run / "traces.parquet")
+    docs = Dataset.load(run).docs
+    tau = {str(t.doc_id): int(t.true_boundary) if not pd.isna(t.true_boundary) else int((t.cot_start + t.cot_end) // 2) for t in traces.itertuples()}
+    n_layers = max(int(p.split(".")[1]) for p in store.points if p.endswith("hook_resid_post")) + 1
+    data = _probe_rows(store, traces, docs, tau, n_layers, 5)
+    problems = []
+    for key, rows in sorted(data.items()):
+        labels = np.array([r[1] for r in rows])
+        if key[0] == target and len(rows) >= 20 and len(np.unique(labels)) == 2:
+            problems.append(ProbeProblem(key, np.stack([r[0] for r in rows]), labels, np.array([r[2] for r in rows])))
+    return problems
+
+
+def sklearn_loop(problems, train_masks, C=1.0):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    accuracies = []
+    for p, train in zip(problems, train_masks):
+        scaler = StandardScaler().fit(p.features[train])
+        model = LogisticRegression(C=C, max_iter=1000).fit(scaler.transform(p.features[train]), p.labels[train])
+        test = ~train
+        accuracies.append(float((model.predict(scaler.transform(p.features[test])) == p.labels[test]).mean()))
+    return accuracies
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--run", type=Path)
+    parser.add_argument("--target", default="phase")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    problems = from_run(args.run, args.target) if args.run else synthetic()
+    test_masks = [split_by_document(p.documents, 0.3, seed=0) for p in problems]
+    train_masks = [~m for m in test_masks]
+    bank_times, sk_times = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        fit = fit_probe_bank(problems, train_masks)
+        bank_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        sk_acc = sklearn_loop(problems, train_masks)
+        sk_times.append(time.perf_counter() - t0)
+    bank_acc = [r["accuracy"] for r in evaluate_bank(fit, problems, test_masks)]
+    result = {
+        "source": str(args.run) if args.run else "synthetic 4 layers x 5 buckets, n=2000, d=256",
+        "groups": len(problems),
+        "rows_per_group": int(np.mean([len(p.labels) for p in problems])),
+        "d": int(problems[0].features.shape[1]),
+        "bank_seconds": round(min(bank_times), 4),
+        "sklearn_loop_seconds": round(min(sk_times), 4),
+        "speedup": round(min(sk_times) / min(bank_times), 2),
+        "max_abs_accuracy_difference": round(float(np.max(np.abs(np.array(bank_acc) - np.array(sk_acc)))), 4),
+        "mean_accuracy_bank": round(float(np.mean(bank_acc)), 4),
+        "mean_accuracy_sklearn": round(float(np.mean(sk_acc)), 4),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

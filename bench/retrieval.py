@@ -1,0 +1,89 @@
+"""Approximate label index (usearch HNSW) against exact search: latency and recall@100, one run.
+
+Usage: python bench/retrieval.py [--queries 200] [--synthetic 1000000] [--skip-icd]
+Spaces: the full ICD-10-CM label space (74,719 labels, MiniLM embeddings of the descriptions,
+queries = embeddings of generated notes) and a synthetic space of --synthetic random unit vectors
+in 384 dimensions with clustered structure (queries = perturbed members).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analyses.retrieval import ApproximateIndex, ExactIndex, recall_at_k  # noqa: E402
+
+
+def measure(name: str, vectors: np.ndarray, queries: np.ndarray, k: int = 100) -> dict:
+    t0 = time.perf_counter()
+    exact = ExactIndex(vectors)
+    exact_idx, _ = exact.search(queries[:1], k)  # warm-up
+    t1 = time.perf_counter()
+    exact_idx, _ = exact.search(queries, k)
+    exact_s = time.perf_counter() - t1
+    t0 = time.perf_counter()
+    approx = ApproximateIndex(vectors)
+    build_s = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    approx_idx, _ = approx.search(queries, k)
+    approx_s = time.perf_counter() - t1
+    return {
+        "space": name,
+        "labels": int(len(vectors)),
+        "queries": int(len(queries)),
+        "exact_ms_per_query": round(1000 * exact_s / len(queries), 3),
+        "approx_ms_per_query": round(1000 * approx_s / len(queries), 3),
+        "speedup": round(exact_s / approx_s, 1),
+        "approx_build_s": round(build_s, 1),
+        f"recall@{k}": round(recall_at_k(approx_idx, exact_idx, k), 4),
+    }
+
+
+def clustered(n: int, d: int = 384, n_clusters: int = 2000, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_clusters, d)).astype(np.float32)
+    out = np.empty((n, d), dtype=np.float32)
+    for start in range(0, n, 100_000):
+        m = min(100_000, n - start)
+        out[start : start + m] = centres[rng.integers(0, n_clusters, m)] + 0.6 * rng.normal(size=(m, d)).astype(np.float32)
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--queries", type=int, default=200)
+    parser.add_argument("--synthetic", type=int, default=1_000_000)
+    parser.add_argument("--skip-icd", action="store_true")
+    args = parser.parse_args()
+    results = []
+    if not args.skip_icd:
+        from analyses.embed import embed_texts
+        from analyses.tasks.icd10 import icd10cm_labels
+        from analyses.tasks.notes import NoteConfig, NoteGenerator
+
+        labels = icd10cm_labels()
+        t0 = time.perf_counter()
+        vectors = embed_texts(labels.texts, batch_size=256)
+        embed_s = time.perf_counter() - t0
+        notes = NoteGenerator(labels, NoteConfig(seed=5)).generate(args.queries)
+        queries = embed_texts(list(notes["text"]))
+        r = measure("icd10cm (MiniLM)", vectors, queries)
+        r["embed_labels_s"] = round(embed_s, 1)
+        results.append(r)
+    if args.synthetic:
+        vectors = clustered(args.synthetic)
+        rng = np.random.default_rng(1)
+        queries = vectors[rng.integers(0, len(vectors), args.queries)] + 0.3 * rng.normal(size=(args.queries, vectors.shape[1])).astype(np.float32)
+        results.append(measure(f"synthetic {args.synthetic:,} (clustered, d=384)", vectors, queries))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
