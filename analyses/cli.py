@@ -123,6 +123,26 @@ def _cmd_characterize(args) -> int:
     return 0
 
 
+def _cmd_patch(args) -> int:
+    from analyses.patch import patch_run
+
+    result = patch_run(args.run, n_docs=args.n_docs, n_random=args.n_random, seed=args.seed)
+    result.save(Path(args.run) / "patching.parquet")
+    print(f"patching.parquet: {len(result.summary)} summary rows over {result.meta['n_traces']} traces")
+    return 0
+
+
+def _cmd_isolate(args) -> int:
+    from analyses.isolate import isolate_run
+
+    result = isolate_run(args.run, retriever_k=args.retriever_k, other_run=args.other_run, n_docs=args.n_docs, seed=args.seed)
+    result.save(Path(args.run) / "isolation.parquet")
+    f1 = result.frame[result.frame["metric"] == "micro_f1"]
+    print(f1[["condition", "value", "ci_low", "ci_high"]].to_string(index=False))
+    print(f"complementarity: {result.verdict()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctd", description="characterize-then-distill: phases of label selection in reasoning models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -177,6 +197,21 @@ def build_parser() -> argparse.ArgumentParser:
     char.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for CIs")
     char.add_argument("--seed", type=int, default=0)
     char.set_defaults(func=_cmd_characterize)
+
+    patch = sub.add_parser("patch", help="denoise/noise the top phase-1 and phase-2 heads, with controls")
+    patch.add_argument("--run", required=True)
+    patch.add_argument("--n-docs", type=int, default=10)
+    patch.add_argument("--n-random", type=int, default=2, help="seeded draws of k random heads")
+    patch.add_argument("--seed", type=int, default=0)
+    patch.set_defaults(func=_cmd_patch)
+
+    iso = sub.add_parser("isolate", help="truncation, shortlist injection, retriever baselines and complementarity")
+    iso.add_argument("--run", required=True)
+    iso.add_argument("--retriever-k", type=int, default=5)
+    iso.add_argument("--other-run", help="another run directory whose shortlists are injected (inject:other)")
+    iso.add_argument("--n-docs", type=int)
+    iso.add_argument("--seed", type=int, default=0)
+    iso.set_defaults(func=_cmd_isolate)
 
     data = sub.add_parser("data", help="inspect dataset sources")
     data_sub = data.add_subparsers(dest="data_command", required=True)

@@ -194,6 +194,32 @@ class TraceParser:
         found.sort(key=lambda f: (f[1], -f[2]))
         return found
 
+    def answer_labels(self, body: str) -> tuple[list[int], list[str]]:
+        """Label ids named in an answer body ("I50.22, I10" or label texts), and the unknown items."""
+        found: list[int] = []
+        unknown: list[str] = []
+        for item in re.split(r"[,;\n]", body):
+            item = item.strip().strip(".")
+            if not item:
+                continue
+            label = self._code_of(item)
+            if label is None:
+                by_text = [m for m in self.find_mentions(item) if m[2] - m[1] == len(item)]
+                label = by_text[0][0] if by_text else None
+            if label is None:
+                unknown.append(item)
+            elif label not in found:
+                found.append(label)
+        return found, unknown
+
+    def answer_of(self, text: str) -> list[int]:
+        """Labels in the first ``<answer>...</answer>`` block of ``text`` (an unclosed block runs to the end)."""
+        start = text.find(self.answer_open)
+        if start < 0:
+            return []
+        end = text.find(self.answer_close, start)
+        return self.answer_labels(text[start + len(self.answer_open) : end if end >= 0 else len(text)])[0]
+
     # -- whole traces ----------------------------------------------------------------------------
     def parse(
         self,
@@ -237,18 +263,7 @@ class TraceParser:
                 if not has_answer:
                     problems.append("answer not closed")
                 answer_char = (body_start, body_end)
-                for item in re.split(r"[,;\n]", text[body_start:body_end]):
-                    item = item.strip().strip(".")
-                    if not item:
-                        continue
-                    label = self._code_of(item)
-                    if label is None:
-                        by_text = [m for m in self.find_mentions(item) if m[2] - m[1] == len(item)]
-                        label = by_text[0][0] if by_text else None
-                    if label is None:
-                        unknown.append(item)
-                    elif label not in answer_ids:
-                        answer_ids.append(label)
+                answer_ids, unknown = self.answer_labels(text[body_start:body_end])
             else:
                 problems.append("no answer")
         if unknown:

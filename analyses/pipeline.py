@@ -14,7 +14,7 @@ __all__ = ["run_study", "STAGES"]
 
 # Every stage of DESIGN §4 in order; the ones not built yet are listed so a run says so plainly.
 STAGES = ("data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report")
-_BUILT = {"data", "traces", "capture", "characterize"}
+_BUILT = {"data", "traces", "capture", "characterize", "patch", "isolate"}
 
 
 def _check_same_config(manifest: Manifest, stage: str, config: dict) -> None:
@@ -85,6 +85,36 @@ def _stage_characterize(config: RunConfig, run_dir: Path, manifest: Manifest) ->
     characterize_run(run_dir, n_boot=n_boot, seed=config.seed, manifest=manifest)
 
 
+def _stage_patch(config: RunConfig, run_dir: Path, manifest: Manifest) -> None:
+    from analyses.patch import patch_run
+
+    settings = {"n_docs": 3 if config.quick else 10, "n_random": 1 if config.quick else 2, "seed": config.seed}
+    _check_same_config(manifest, "patch", settings)
+    if manifest.is_complete("patch") and (run_dir / "patching.parquet").exists():
+        print("[patch] complete", file=sys.stderr)
+        return
+    with manifest.stage("patch", config=settings, seed=config.seed) as record:
+        ks = (3, 8) if config.quick else (3, 8, 16, 40, 100)
+        result = patch_run(run_dir, n_docs=settings["n_docs"], ks=ks, n_random=settings["n_random"], seed=config.seed, manifest=manifest)
+        result.save(run_dir / "patching.parquet")
+        record["outputs"] = ["patching.parquet"]
+
+
+def _stage_isolate(config: RunConfig, run_dir: Path, manifest: Manifest) -> None:
+    from analyses.isolate import isolate_run
+
+    settings = {"n_docs": 20 if config.quick else None, "seed": config.seed}
+    _check_same_config(manifest, "isolate", settings)
+    if manifest.is_complete("isolate") and (run_dir / "isolation.parquet").exists():
+        print("[isolate] complete", file=sys.stderr)
+        return
+    with manifest.stage("isolate", config=settings, seed=config.seed) as record:
+        result = isolate_run(run_dir, n_docs=settings["n_docs"], seed=config.seed, manifest=manifest)
+        result.save(run_dir / "isolation.parquet")
+        record["outputs"] = ["isolation.parquet"]
+        record["complementarity"] = result.verdict()
+
+
 def run_study(config: RunConfig) -> Path:
     """Run every built stage into ``config.out`` and say which stages are not built yet."""
     run_dir = Path(config.out)
@@ -95,6 +125,8 @@ def run_study(config: RunConfig) -> Path:
     _stage_traces(config, run_dir, manifest, dataset)
     _stage_capture(config, run_dir, manifest)
     _stage_characterize(config, run_dir, manifest)
+    _stage_patch(config, run_dir, manifest)
+    _stage_isolate(config, run_dir, manifest)
     missing = [s for s in STAGES if s not in _BUILT]
     if missing:
         print(f"[run] not built yet: {', '.join(missing)} (see the open issues)", file=sys.stderr)

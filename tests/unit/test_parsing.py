@@ -119,3 +119,16 @@ def test_teacher_trace_parses_back(heart_labels, heart_notes):
         answer = trace[trace.index("<answer>") + 8 : trace.index("</answer>")].split(", ")
         assert sorted(answer) == sorted(heart_labels.codes[g] for g in row["gold"])
         assert trace.index("Check ") > trace.index("Candidates:")
+
+
+def test_injected_shortlist_round_trips_through_the_parser(heart_labels, tiny_tokenizer):
+    from analyses.isolate import shortlist_text
+
+    parser = TraceParser(heart_labels)
+    codes = ["I50.22", "I50.21", "I31.4", "I48.0"]
+    injected = shortlist_text(codes) + "Check I50.22: chronic -> keep.\n</think>\n<answer>I50.22</answer>"
+    prompt = "<note> x </note>\n<think>\n"
+    enc = tiny_tokenizer(prompt, add_special_tokens=False)
+    parsed = parser.parse(tiny_tokenizer, enc["input_ids"], tiny_tokenizer.encode(injected, add_special_tokens=False))
+    assert [heart_labels.codes[i] for i in parsed.shortlist] == codes
+    assert parsed.answer == [heart_labels.id_of("I50.22")] and parsed.well_formed
