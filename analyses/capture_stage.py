@@ -71,9 +71,7 @@ def capture_run(
 
     run_dir = Path(run_dir)
     manifest = manifest or Manifest(run_dir)
-    model_path = manifest.data.get("model", {}).get("path")
-    if not model_path:
-        raise input_error(manifest.path, "no model recorded for this run", "run `ctd traces --out DIR` first")
+    model_path = manifest.model_path()
     traces = read_parquet(run_dir / "traces.parquet", required=("doc_id", "prompt_ids", "output_ids", "regions", "cot_start", "cot_end"))
     bridge = model if model is not None else load_model(model_path)
     n_layers = bridge.cfg.n_layers

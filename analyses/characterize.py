@@ -396,9 +396,7 @@ def characterize_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0, pro
 
     run_dir = Path(run_dir)
     manifest = manifest or Manifest(run_dir)
-    model_path = manifest.data.get("model", {}).get("path")
-    if not model_path:
-        raise input_error(manifest.path, "no model recorded for this run", "run `ctd traces` first")
+    model_path = manifest.model_path()
     dataset = Dataset.load(run_dir)
     traces = read_parquet(run_dir / "traces.parquet", required=("doc_id", "output_ids", "cot_start", "cot_end", "regions", "mentions"))
     traces = traces[traces["cot_end"] - traces["cot_start"] >= 8].reset_index(drop=True)  # too short to split

@@ -187,5 +187,12 @@ class Manifest:
         record["seconds"] = round(time.perf_counter() - start, 3)
         self.save()
 
+    def model_path(self) -> str:
+        """The model folder recorded by the traces stage (every later stage reads the same model)."""
+        path = self.data.get("model", {}).get("path")
+        if not path:
+            raise input_error(self.path, "no model recorded for this run", "run `ctd traces --out DIR` first")
+        return path
+
     def is_complete(self, name: str) -> bool:
         return self.data["stages"].get(name, {}).get("status") == "complete"

@@ -107,9 +107,7 @@ def isolate_run(
 
     run_dir = Path(run_dir)
     manifest = manifest or Manifest(run_dir)
-    model_path = manifest.data.get("model", {}).get("path")
-    if not model_path:
-        raise input_error(manifest.path, "no model recorded for this run", "run `ctd traces` first")
+    model_path = manifest.model_path()
     traces = read_parquet(run_dir / "traces.parquet")
     boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))
     tau = boundary[boundary["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()

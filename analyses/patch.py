@@ -103,9 +103,7 @@ def patch_run(
 
     run_dir = Path(run_dir)
     manifest = manifest or Manifest(run_dir)
-    model_path = manifest.data.get("model", {}).get("path")
-    if not model_path:
-        raise input_error(manifest.path, "no model recorded for this run", "run `ctd traces` first")
+    model_path = manifest.model_path()
     scores = read_parquet(run_dir / "head_scores.parquet", required=("layer", "head", "score", "rank"))
     boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))
     traces = read_parquet(run_dir / "traces.parquet")

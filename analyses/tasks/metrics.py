@@ -132,6 +132,22 @@ def _aggregate(rows: dict[str, np.ndarray], ks: Sequence[int], idx: np.ndarray |
     return result
 
 
+def _prepare(gold, scores, ks, train_label_counts, n_train, A, B):
+    """Checked inputs: gold as CSR, ks as positive ints, inverse propensities (or None)."""
+    gold_csr, scores = _check_pair(gold, scores)
+    ks = tuple(int(k) for k in ks)
+    if not ks or min(ks) < 1:
+        raise CtdInputError(f"ks={ks}: every k must be a positive integer")
+    weights = None
+    if train_label_counts is not None or n_train is not None:
+        if train_label_counts is None or n_train is None:
+            raise CtdInputError("propensity-scored metrics need both train_label_counts and n_train")
+        weights = inverse_propensity(train_label_counts, n_train, A, B)
+        if len(weights) != gold_csr.shape[1]:
+            raise CtdInputError(f"train_label_counts has {len(weights)} entries for {gold_csr.shape[1]} labels")
+    return gold_csr, scores, ks, weights
+
+
 def xmc_metrics(
     gold,
     scores,
@@ -147,17 +163,7 @@ def xmc_metrics(
     ``train_label_counts`` and ``n_train`` are given. Higher scores rank first; absent CSR entries,
     NaN and -inf never rank.
     """
-    gold_csr, scores = _check_pair(gold, scores)
-    ks = tuple(int(k) for k in ks)
-    if not ks or min(ks) < 1:
-        raise CtdInputError(f"ks={ks}: every k must be a positive integer")
-    weights = None
-    if train_label_counts is not None or n_train is not None:
-        if train_label_counts is None or n_train is None:
-            raise CtdInputError("propensity-scored metrics need both train_label_counts and n_train")
-        weights = inverse_propensity(train_label_counts, n_train, A, B)
-        if len(weights) != gold_csr.shape[1]:
-            raise CtdInputError(f"train_label_counts has {len(weights)} entries for {gold_csr.shape[1]} labels")
+    gold_csr, scores, ks, weights = _prepare(gold, scores, ks, train_label_counts, n_train, A, B)
     return _aggregate(_row_metrics(gold_csr, scores, ks, weights), ks)
 
 
@@ -174,9 +180,8 @@ def xmc_metrics_ci(
     level: float = 0.95,
 ) -> dict[str, tuple[float, float, float]]:
     """Like :func:`xmc_metrics`, each value with a bootstrap CI over documents: ``(value, low, high)``."""
-    gold_csr, scores = _check_pair(gold, scores)
-    weights = None if train_label_counts is None else inverse_propensity(train_label_counts, n_train, A, B)
-    rows = _row_metrics(gold_csr, scores, tuple(ks), weights)
+    gold_csr, scores, ks, weights = _prepare(gold, scores, ks, train_label_counts, n_train, A, B)
+    rows = _row_metrics(gold_csr, scores, ks, weights)
     point = _aggregate(rows, ks)
     n = gold_csr.shape[0]
     rng = np.random.default_rng(seed)
