@@ -143,6 +143,23 @@ def _cmd_isolate(args) -> int:
     return 0
 
 
+def _cmd_distill(args) -> int:
+    from analyses.distill import DistillConfig, distill_run
+
+    config = DistillConfig.quick() if args.quick else DistillConfig()
+    if args.steps is not None:
+        config.steps = args.steps
+    if args.seeds is not None:
+        config.seeds = tuple(range(args.seeds))
+    result = distill_run(args.run, config)
+    result.save(Path(args.run) / "distill.parquet")
+    summary = result.frame[result.frame["seed"] >= 0].groupby(["condition", "metric"])["value"].mean().unstack()
+    print(summary[["micro_f1", "p_at_1", "shortlist_recall", "las"]].to_string())
+    paired = result.frame[result.frame["seed"] < 0]
+    print(paired[["condition", "metric", "value", "ci_low", "ci_high"]].to_string(index=False))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ctd", description="characterize-then-distill: phases of label selection in reasoning models")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -212,6 +229,13 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--n-docs", type=int)
     iso.add_argument("--seed", type=int, default=0)
     iso.set_defaults(func=_cmd_isolate)
+
+    dist = sub.add_parser("distill", help="standard vs mechanistic distillation with ablations")
+    dist.add_argument("--run", required=True)
+    dist.add_argument("--quick", action="store_true", help="fewer conditions, documents and steps (about 5 minutes)")
+    dist.add_argument("--steps", type=int)
+    dist.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    dist.set_defaults(func=_cmd_distill)
 
     data = sub.add_parser("data", help="inspect dataset sources")
     data_sub = data.add_subparsers(dest="data_command", required=True)
