@@ -57,7 +57,7 @@ def _cmd_run(args) -> int:
     )
     if args.opt:
         config.dataset_options = {**config.dataset_options, **dict(_parse_option(o) for o in args.opt)}
-    run_study(config)
+    run_study(config, until=args.until)
     return 0
 
 
@@ -173,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="small settings for a smoke run")
     run.add_argument("--seed", type=int)
     run.add_argument("--opt", action="append", help="dataset option KEY=VALUE (repeatable)")
+    run.add_argument("--until", help="stop after this stage (data, traces, capture, characterize, patch, isolate, distill, report)")
     run.set_defaults(func=_cmd_run)
 
     organism = sub.add_parser("organism", help="the embedded reasoning model")

@@ -77,6 +77,11 @@ class DistillConfig:
     max_new_tokens: int = 200
 
     @classmethod
+    def for_run(cls) -> "DistillConfig":
+        """What `ctd run` uses: every condition and 3 seeds, sized so the whole run fits its budget."""
+        return cls(steps=150, n_train_docs=300, n_eval_docs=40)
+
+    @classmethod
     def quick(cls) -> "DistillConfig":
         return cls(n_train_docs=96, n_eval_docs=16, steps=40, batch_size=8, seeds=(0, 1, 2), conditions=("standard", "mechanistic", "no_phase1", "no_phase2"), max_new_tokens=120)
 

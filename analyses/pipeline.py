@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 from analyses.config import RunConfig
@@ -12,9 +13,8 @@ from probes.errors import input_error
 
 __all__ = ["run_study", "STAGES"]
 
-# Every stage of DESIGN §4 in order; the ones not built yet are listed so a run says so plainly.
+# Every stage of DESIGN §4 in order.
 STAGES = ("data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report")
-_BUILT = {"data", "traces", "capture", "characterize", "patch", "isolate"}
 
 
 def _check_same_config(manifest: Manifest, stage: str, config: dict) -> None:
@@ -115,21 +115,58 @@ def _stage_isolate(config: RunConfig, run_dir: Path, manifest: Manifest) -> None
         record["complementarity"] = result.verdict()
 
 
-def run_study(config: RunConfig) -> Path:
-    """Run every built stage into ``config.out`` and say which stages are not built yet."""
+def _stage_distill(config: RunConfig, run_dir: Path, manifest: Manifest) -> None:
+    from dataclasses import asdict
+
+    from analyses.distill import DistillConfig, distill_run
+
+    distill_config = DistillConfig.quick() if config.quick else DistillConfig.for_run()
+    settings = asdict(distill_config)
+    _check_same_config(manifest, "distill", settings)
+    if manifest.is_complete("distill") and (run_dir / "distill.parquet").exists():
+        print("[distill] complete", file=sys.stderr)
+        return
+    with manifest.stage("distill", config=settings, seed=config.seed) as record:
+        result = distill_run(run_dir, distill_config, manifest=manifest)
+        result.save(run_dir / "distill.parquet")
+        record["outputs"] = ["distill.parquet", "head_map.json", "students/"]
+
+
+def _stage_report(config: RunConfig, run_dir: Path, manifest: Manifest) -> None:
+    from analyses.report import write_figures, write_report
+
+    with manifest.stage("report", config={}) as record:
+        written = write_figures(run_dir)
+        path = write_report(run_dir)
+        record["outputs"] = ["report.html", "figures/"]
+        record["figures"] = sorted(written)
+    print(f"[report] {path} ({len(written)} figures)", file=sys.stderr)
+
+
+def run_study(config: RunConfig, until: str | None = None) -> Path:
+    """Run the stages in order into ``config.out`` (up to and including ``until``); finished stages are reused."""
+    if until is not None and until not in STAGES:
+        raise input_error(None, f"unknown stage {until!r}", f"use one of {', '.join(STAGES)}")
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir)
     manifest.update(config=config.to_dict())
+    started = time.perf_counter()
     dataset = _stage_data(config, run_dir, manifest)
-    _stage_traces(config, run_dir, manifest, dataset)
-    _stage_capture(config, run_dir, manifest)
-    _stage_characterize(config, run_dir, manifest)
-    _stage_patch(config, run_dir, manifest)
-    _stage_isolate(config, run_dir, manifest)
-    missing = [s for s in STAGES if s not in _BUILT]
-    if missing:
-        print(f"[run] not built yet: {', '.join(missing)} (see the open issues)", file=sys.stderr)
-    manifest.update(stages_not_built=missing)
+    stages = [
+        ("traces", lambda: _stage_traces(config, run_dir, manifest, dataset)),
+        ("capture", lambda: _stage_capture(config, run_dir, manifest)),
+        ("characterize", lambda: _stage_characterize(config, run_dir, manifest)),
+        ("patch", lambda: _stage_patch(config, run_dir, manifest)),
+        ("isolate", lambda: _stage_isolate(config, run_dir, manifest)),
+        ("distill", lambda: _stage_distill(config, run_dir, manifest)),
+        ("report", lambda: _stage_report(config, run_dir, manifest)),
+    ]
+    for name, run in stages:
+        if until == "data" or (until is not None and STAGES.index(name) > STAGES.index(until)):
+            break
+        print(f"[run] stage {name}", file=sys.stderr)
+        run()
+    manifest.update(run_seconds=round(time.perf_counter() - started, 1))
     print(f"[run] manifest: {run_dir / 'manifest.json'}", file=sys.stderr)
     return run_dir

@@ -177,7 +177,7 @@ def test_cli_empty_document(tmp_path, capsys):
 
 def test_cli_bad_input_keeps_what_was_written(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["run", "--out", str(out), "--quick", "--opt", "n_docs=30"]) == 0
+    assert main(["run", "--out", str(out), "--quick", "--opt", "n_docs=30", "--until", "data"]) == 0
     docs_before = (out / "docs.parquet").read_bytes()
     capsys.readouterr()
     code, err = _cli(["run", "--out", str(tmp_path / "run2"), "--dataset", "jsonl", "--dataset-path", str(tmp_path / "missing")], capsys)
