@@ -65,3 +65,13 @@ def organism_run(tmp_path_factory, organism_path):
     capture_run(run, points=["resid_post", "head_out"], progress=False)
     results = characterize_run(run, n_boot=300, progress=False)
     return run, results
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory, organism_path):
+    """`ctd run --quick` end to end, once per session (the notebooks read the same run)."""
+    from analyses.cli import main
+
+    run = tmp_path_factory.mktemp("quick") / "run"
+    assert main(["run", "--quick", "--out", str(run)]) == 0
+    return run

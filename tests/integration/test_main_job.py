@@ -1,0 +1,52 @@
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from analyses.report import collect_figures, png_available
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
+EXPECTED_FIGURES = {
+    "dynamics", "boundary_errors", "head_scores", "kurtosis_map", "region_attention", "region_attention_value_weighted",
+    "probes", "logit_lens", "patching_margin", "patching_answer", "isolation", "distill", "distill_trajectories",
+}
+
+
+def test_quick_run_writes_every_stage_and_a_report(quick_run):
+    manifest = json.loads((quick_run / "manifest.json").read_text())
+    for stage in ("data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report"):
+        assert manifest["stages"][stage]["status"] == "complete", stage
+    for name in ("labels", "docs", "traces", "dynamics", "boundary", "head_scores", "attribution", "probes", "patching", "isolation", "distill"):
+        assert (quick_run / f"{name}.parquet").exists(), name
+    assert manifest["versions"]["transformers"] == "5.23.0"
+    report = (quick_run / "report.html").read_text()
+    figures = collect_figures(quick_run)
+    assert set(figures) == EXPECTED_FIGURES
+    for name in figures:
+        assert f'id="{name}"' in report
+        assert (quick_run / "figures" / f"{name}.html").exists()
+        if png_available():
+            assert (quick_run / "figures" / f"{name}.png").stat().st_size > 10_000
+    assert "cdn.plot.ly" not in report  # opens offline: plotly.js is embedded
+
+
+def test_rerun_reuses_finished_stages(quick_run, capsys):
+    from analyses.cli import main
+
+    assert main(["run", "--quick", "--out", str(quick_run), "--until", "isolate"]) == 0
+    err = capsys.readouterr().err
+    for stage in ("traces", "capture", "characterize", "patch", "isolate"):
+        assert f"[{stage}] complete" in err
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebooks_execute(notebook, quick_run, monkeypatch):
+    import nbformat
+    from nbclient import NotebookClient
+
+    monkeypatch.setenv("CTD_NOTEBOOK_RUN", str(quick_run))
+    nb = nbformat.read(notebook, as_version=4)
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
