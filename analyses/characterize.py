@@ -106,8 +106,11 @@ class ProbeResults(FrameResult):
             g = f[f["target"] == t]
             for r, column in ((1, "value"), (2, "control_value")):
                 table = g.pivot_table(index="layer", columns="bucket", values=column)
-                fig.add_trace(go.Heatmap(z=table.values, x=[str(b) for b in table.columns], y=[f"L{l}" for l in table.index], zmin=0.5, zmax=1.0, colorscale="Viridis", coloraxis="coloraxis"), row=r, col=c)
-        fig = themed(fig, "Linear probe accuracy per layer and CoT position bucket (test documents)", "position bucket (normalised CoT position)", "layer")
+                n_buckets = int(self.meta.get("n_buckets", 5))
+                names = [f"{b / n_buckets:.1f}–{(b + 1) / n_buckets:.1f}" for b in table.columns]
+                fig.add_trace(go.Heatmap(z=table.values, x=names, y=[f"L{l}" for l in table.index], zmin=0.5, zmax=1.0, colorscale="Viridis", coloraxis="coloraxis"), row=r, col=c)
+        fig = themed(fig, "Linear probe accuracy per layer and CoT position (test documents; controls: shuffled labels)", "normalised CoT position", "layer")
+        fig.update_xaxes(type="category")
         fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0.5, cmax=1.0, colorbar=dict(title="accuracy")), width=max(700, 330 * len(targets)), height=620)
         return fig
 
@@ -335,6 +338,7 @@ def compute_probes(store, traces, docs, tau, n_layers: int, n_buckets: int = 5, 
         "split": "by document, 30% of documents held out (seeded)",
         "control": "training labels permuted; scored on true test labels",
         "buckets": f"{n_buckets} equal bins of normalised CoT position",
+        "n_buckets": n_buckets,
         "phase_labels": "true boundary where known (organism), else the internal estimate",
         "solver": f"batched Newton, {fit.iterations} iterations, C=1 on standardised features",
         "ci": "bootstrap over test documents of per-document accuracy",

@@ -381,7 +381,7 @@ def train_student(condition: str, seed: int, examples: list[_Example], teacher, 
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
-        curve.append({"step": step, "loss": float(loss), "ce": float(ce), **parts})
+        curve.append({"step": step, "loss": loss.item(), "ce": ce.item(), **parts})
     student.eval()
     return student, pd.DataFrame(curve), {"phase1": {f"L{a}H{b}": f"L{c}H{d}" for (a, b), (c, d) in map1.items()}, "phase2": {f"L{a}H{b}": f"L{c}H{d}" for (a, b), (c, d) in map2.items()}}
 
@@ -453,6 +453,8 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
         teacher_traces = generate_traces(model_path, train_docs, labels, template_name=template, config=GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=32), progress=progress, tokenizer=tokenizer, hf_model=teacher)
         teacher_traces.to_parquet(cache, index=False)
     teacher_traces = teacher_traces[teacher_traces["well_formed"]].reset_index(drop=True)
+    if teacher_traces.empty:
+        raise input_error(cache, "the teacher wrote no well-formed trace on the training notes", "check the model and template (a think close and an answer are needed), then delete this file and rerun")
     tau = {str(t.doc_id): int(t.true_boundary) if not pd.isna(t.true_boundary) else (int(t.cot_start) + int(t.cot_end)) // 2 for t in teacher_traces.itertuples()}
     # The teacher's boundary on its training traces: the internal estimator needs a capture, so
     # the organism's known boundary is used when present, else the midpoint; recorded below.

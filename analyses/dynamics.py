@@ -43,8 +43,10 @@ class Dynamics(FrameResult):
             s = self.summary[self.summary["metric"] == metric].sort_values("t")
             fig.add_trace(go.Scatter(x=list(s["t"]) + list(s["t"][::-1]), y=list(s["ci_high"]) + list(s["ci_low"][::-1]), fill="toself", fillcolor=colour, opacity=0.18, line=dict(width=0), showlegend=False, hoverinfo="skip"))
             fig.add_trace(go.Scatter(x=s["t"], y=s["value"], mode="lines+markers", name=name, line=dict(color=colour, width=2.5)))
-        for estimator, tau in (boundaries or {}).items():
-            fig.add_vline(x=tau, line=dict(color=ESTIMATOR_COLOURS.get(estimator, "#777"), dash="dash"), annotation_text=f"τ {estimator}", annotation_position="top")
+        # Labels sit at staggered heights so close estimates stay legible.
+        for i, (estimator, tau) in enumerate((boundaries or {}).items()):
+            fig.add_vline(x=tau, line=dict(color=ESTIMATOR_COLOURS.get(estimator, "#777"), dash="dash"))
+            fig.add_annotation(x=tau, y=1.0 - 0.07 * i, yref="paper", text=f"τ {estimator} (median)", showarrow=False, xanchor="left", xshift=4, font=dict(color=ESTIMATOR_COLOURS.get(estimator, "#777"), size=12))
         n = self.meta.get("n_traces", "?")
         return themed(fig, f"Focus and Confusion across the chain of thought (n={n} traces, 95% CI)", "normalised CoT position t (0 = think open, 1 = think close)", "cosine similarity (MiniLM)")
 

@@ -28,7 +28,14 @@ pio.templates["ctd"] = THEME
 
 
 def themed(fig: go.Figure, title: str, x_title: str, y_title: str) -> go.Figure:
-    fig.update_layout(template="ctd", title=dict(text=title, x=0.02), width=820, height=480)
-    fig.update_xaxes(title_text=x_title)
-    fig.update_yaxes(title_text=y_title)
+    """Apply the theme, the title and axis titles (on subplot grids: y on the first column, x on the last row)."""
+    fig.update_layout(template="ctd", title=dict(text=title, x=0.02, y=0.98, yanchor="top"), width=820, height=480, margin=dict(t=90))
+    try:
+        rows, cols = fig._get_subplot_rows_columns()
+        last_row = max(rows)
+        fig.update_xaxes(title_text=x_title, row=last_row)
+        fig.update_yaxes(title_text=y_title, col=1)
+    except Exception:  # not a subplot grid
+        fig.update_xaxes(title_text=x_title)
+        fig.update_yaxes(title_text=y_title)
     return fig

@@ -61,6 +61,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o644)  # mkstemp makes owner-only files; results are meant to be shared
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

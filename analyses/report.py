@@ -86,7 +86,8 @@ def write_figures(run_dir: str | Path, formats: tuple[str, ...] = ("html", "png"
         files = []
         if "html" in formats:
             with atomic_path(out_dir / f"{name}.html") as tmp:
-                fig.write_html(str(tmp), include_plotlyjs=True, full_html=True)
+                # plotly.js is written once beside the figures (offline, and 13 figures share it).
+                fig.write_html(str(tmp), include_plotlyjs="directory", full_html=True)
             files.append(out_dir / f"{name}.html")
         if can_export:
             for fmt in static:

@@ -127,7 +127,8 @@ def generate_traces(
             if tokenizer.eos_token_id in generated:
                 generated = generated[: generated.index(tokenizer.eos_token_id)]
             prompt_text, doc_span = rendered[i]
-            anchors = [(doc_span[0] + int(a["start"]), doc_span[0] + int(a["end"])) for a in (doc.get("anchors") if "anchors" in doc else []) or []]
+            doc_anchors = doc["anchors"] if "anchors" in doc and doc["anchors"] is not None else []
+            anchors = [(doc_span[0] + int(a["start"]), doc_span[0] + int(a["end"])) for a in doc_anchors]
             gold = [int(g) for g in doc["gold"]]
             near = [int(x) for x in doc["near_miss"]] if "near_miss" in doc and doc["near_miss"] is not None else []
             parsed = parser.parse(
