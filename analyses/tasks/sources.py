@@ -20,7 +20,7 @@ import scipy.sparse as sp
 
 from analyses.io import read_parquet, write_json, write_parquet
 from analyses.tasks.labels import LabelSpace
-from probes.errors import CtdInputError, input_error
+from probes.errors import input_error
 
 __all__ = ["Dataset", "SOURCES", "register_source", "load_dataset", "apply_filter"]
 
@@ -319,7 +319,9 @@ def load_xc_repo(path: Path | None, on_empty: str = "error", text_fields: tuple[
             )
             n += 1
         n_per_split[split] = n
-    docs = pd.DataFrame(rows)
+    docs = pd.DataFrame(rows, columns=["doc_id", "split", "text", "gold", "target_rel"])
+    if docs.empty:
+        raise input_error(files["train"], "no documents in the trn and tst files", "check that the files hold one JSON row per document")
     if docs["doc_id"].duplicated().any():
         docs["doc_id"] = [f"{s}-{i}" for s, i in zip(docs["split"], docs.groupby("split").cumcount())]
     filters = {}
@@ -494,6 +496,7 @@ def load_jsonl(path: Path | None, on_empty: str = "error") -> Dataset:
         raise input_error(label_file, "no labels", "write one label per line")
     labels = LabelSpace(name=f"jsonl:{folder.name}", codes=codes, texts=texts)
     rows = []
+    seen_docs: dict[str, str] = {}
     for split in SPLITS:
         file = folder / f"{split}.jsonl"
         if not file.is_file():
@@ -508,11 +511,12 @@ def load_jsonl(path: Path | None, on_empty: str = "error") -> Dataset:
             if not isinstance(raw, list):
                 raise input_error(file, "missing or non-list 'labels'", "give each document a list of label ids", number)
             gold = [labels.id_of(str(code), where=file, line=number) for code in raw]
+            doc_id = str(obj["id"])
+            if doc_id in seen_docs:
+                raise input_error(file, f"document id {doc_id!r} already used at {seen_docs[doc_id]}", "make document ids unique across splits", number)
+            seen_docs[doc_id] = f"{file.name}:{number}"
             if not _nonempty(text, file, number, on_empty):
                 continue
-            rows.append({"doc_id": str(obj["id"]), "split": split, "text": text, "gold": sorted(set(gold))})
+            rows.append({"doc_id": doc_id, "split": split, "text": text, "gold": sorted(set(gold))})
     docs = pd.DataFrame(rows, columns=["doc_id", "split", "text", "gold"])
-    dup = docs["doc_id"].duplicated()
-    if dup.any():
-        raise CtdInputError(f"{folder}: document id {docs.loc[dup, 'doc_id'].iloc[0]!r} appears twice; make document ids unique across splits")
     return Dataset(name="jsonl", labels=labels, docs=docs, info={"path": str(folder)})
