@@ -14,7 +14,9 @@ from analyses.patch import PatchingResult
 def _check(fig):
     assert fig.layout.title.text
     assert len(fig.data) > 0
-    assert fig.layout.xaxis.title.text and fig.layout.yaxis.title.text
+    layout = fig.to_plotly_json()["layout"]
+    for axis in ("xaxis", "yaxis"):  # on subplot grids the title sits on one axis of the grid
+        assert any(v.get("title", {}).get("text") for k, v in layout.items() if k.startswith(axis)), axis
     return fig
 
 
