@@ -251,10 +251,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from analyses.io import RunLock, check_run_name
+
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        target = getattr(args, "run", None) or (getattr(args, "out", None) if args.command in ("run", "traces") else None)
+        if args.command == "run":
+            from analyses.config import RunConfig
+
+            target = args.out or RunConfig().out
+            check_run_name(target)
+        if target is None:
+            return int(args.func(args) or 0)
+        with RunLock(target):
+            return int(args.func(args) or 0)
     except CtdInputError as exc:
         print(f"ctd: error: {exc}", file=sys.stderr)
         return 2

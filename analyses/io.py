@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 from probes.errors import CtdInputError, input_error
 
 __all__ = [
+    "RunLock",
+    "check_run_name",
     "atomic_path",
     "write_parquet",
     "read_parquet",
@@ -139,6 +141,69 @@ def _git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class RunLock:
+    """One process per run directory: ``<run>/.ctd.lock`` holds the owner's pid and host.
+
+    A lock left by a process that no longer runs (a kill, a crash) is taken over; a live one is
+    refused with a message that names it.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / ".ctd.lock"
+        self._held = False
+
+    def _owner_alive(self, info: dict) -> bool:
+        if info.get("host") != platform.node():
+            return True  # another machine: cannot tell, so respect it
+        try:
+            os.kill(int(info.get("pid", -1)), 0)
+        except (ProcessLookupError, ValueError):
+            return False
+        except PermissionError:
+            return True
+        return True
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    info = json.loads(self.path.read_text() or "{}")
+                except (OSError, json.JSONDecodeError):
+                    info = {}
+                if info.get("pid") == os.getpid() and info.get("host") == platform.node():
+                    return self  # re-entered by the same process
+                if self._owner_alive(info):
+                    raise input_error(self.path.parent, f"another ctd process (pid {info.get('pid')}, since {info.get('started')}) is using this run directory", "wait for it to finish or choose another --out") from None
+                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+                continue
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+            self._held = True
+            return self
+        raise input_error(self.path, "could not take the run lock", "delete the lock file if no ctd process is running")
+
+    def __exit__(self, *exc) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+
+def check_run_name(out: str | Path, root: str | Path = "results") -> Path:
+    """A relative run directory must stay inside ``results/`` (names like ``../x`` are refused)."""
+    out = Path(out)
+    if out.is_absolute():
+        return out
+    base = Path(root).resolve()
+    resolved = (Path.cwd() / out).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise input_error(out, "run directory escapes results/", "name the run results/NAME (or pass an absolute path)")
+    return out
 
 
 class Manifest:

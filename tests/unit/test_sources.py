@@ -205,3 +205,29 @@ def test_data_show_icd10cm(capsys):
     out = capsys.readouterr().out
     assert "74,724" in out and "labels: 74,719" in out
     assert out.count("\n[note-") == 3
+
+
+def test_run_directory_lock_and_names(tmp_path, capsys, monkeypatch):
+    import os
+    import subprocess
+
+    from analyses.io import RunLock
+
+    run = tmp_path / "locked"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        run.mkdir()
+        (run / ".ctd.lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "started": "now"}))
+        code, err = _cli(["run", "--out", str(run), "--until", "data"], capsys)
+        assert code == 2 and f"another ctd process (pid {sleeper.pid}" in err
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the owner is gone: the stale lock is taken over and released afterwards
+    assert main(["run", "--out", str(run), "--until", "data", "--quick", "--opt", "n_docs=20"]) == 0
+    assert not (run / ".ctd.lock").exists()
+    with RunLock(run):
+        assert (run / ".ctd.lock").exists()
+    monkeypatch.chdir(tmp_path)
+    code, err = _cli(["run", "--out", "results/../../escape", "--until", "data"], capsys)
+    assert code == 2 and "escapes results/" in err
