@@ -78,12 +78,13 @@ class DistillConfig:
 
     @classmethod
     def for_run(cls) -> "DistillConfig":
-        """What `ctd run` uses: every condition and 3 seeds, sized so the whole run fits its budget."""
-        return cls(steps=150, n_train_docs=300, n_eval_docs=40)
+        """What `ctd run` uses: the two methods and both phase ablations, 3 seeds, sized to fit the
+        run's budget (the per-term ablations are in `ctd distill`'s default study)."""
+        return cls(steps=150, n_train_docs=300, n_eval_docs=40, conditions=("standard", "mechanistic", "no_phase1", "no_phase2"))
 
     @classmethod
     def quick(cls) -> "DistillConfig":
-        return cls(n_train_docs=96, n_eval_docs=16, steps=40, batch_size=8, seeds=(0, 1, 2), conditions=("standard", "mechanistic", "no_phase1", "no_phase2"), max_new_tokens=120)
+        return cls(n_train_docs=64, n_eval_docs=12, steps=30, batch_size=8, seeds=(0, 1, 2), conditions=("standard", "mechanistic"), max_new_tokens=100)
 
 
 class DistillResult(FrameResult):

@@ -137,8 +137,13 @@ def build_corpus(docs: pd.DataFrame, labels: LabelSpace, seed: int = 0) -> pd.Da
 # tokenizer
 
 
-def train_tokenizer(texts, vocab_size: int = 3000):
-    """A byte-level BPE tokenizer trained on ``texts`` with the organism's special tokens."""
+def train_tokenizer(texts, vocab_size: int = 3000, label_codes: list[str] | None = None):
+    """A byte-level BPE tokenizer trained on ``texts`` with the organism's special tokens.
+
+    ``label_codes`` become whole tokens (matched as single words only): each label is then one
+    output token, so the organism's label choice is one classification step, and the logit lens
+    and the label margin read one well-defined token per label.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -160,6 +165,10 @@ def train_tokenizer(texts, vocab_size: int = 3000):
         additional_special_tokens=list(SPECIAL_TOKENS[1:]),
     )
     fast.padding_side = "left"
+    if label_codes:
+        from tokenizers import AddedToken
+
+        fast.add_tokens([AddedToken(code, single_word=True, normalized=False) for code in label_codes])
     return fast
 
 
@@ -186,8 +195,8 @@ class OrganismConfig:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     max_steps: int = 3000
-    time_budget_s: float = 50 * 60
-    dictionary_repeats: int = 3
+    time_budget_s: float = 42 * 60
+    dictionary_repeats: int = 6
     seed: int = 0
     threads: int = 2
     quick: bool = False
@@ -266,9 +275,7 @@ def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), p
     labels, docs = organism_notes(config)
     corpus = build_corpus(docs, labels, seed=config.seed)
     train_corpus = corpus[corpus["split"] == "train"]
-    tokenizer = train_tokenizer(
-        list(train_corpus["prompt"] + train_corpus["trace"]) + labels.texts + labels.codes, vocab_size=config.vocab_size
-    )
+    tokenizer = train_tokenizer(list(train_corpus["prompt"] + train_corpus["trace"]) + labels.texts, vocab_size=config.vocab_size, label_codes=labels.codes)
     examples = _encode_corpus(pd.concat([train_corpus, dictionary_corpus(labels, config.dictionary_repeats)]), tokenizer, config.max_positions)
     if not examples:
         raise input_error(None, "no training sequence fits max_positions", "raise max_positions")
