@@ -59,11 +59,13 @@ class Boundary(FrameResult):
 
 
 
-def change_point(signal: np.ndarray, min_size: int = 3, model: str = "l2") -> int:
+def change_point(signal: np.ndarray, min_size: int = 3, model: str = "l2", smooth: int = 1) -> int:
     """Index (0-based, into the signal's rows) where the single best break starts.
 
-    Channels are standardised first so that none dominates by scale; the break is found exactly
-    (ruptures' dynamic programming with one break).
+    Channels are standardised first so that none dominates by scale, optionally smoothed with a
+    centred moving average of ``smooth`` tokens (per-token statistics swing with the token type,
+    line by line; the phase change is slower), and the break is found exactly (ruptures' dynamic
+    programming with one break).
     """
     x = np.asarray(signal, dtype=np.float64)
     if x.ndim == 1:
@@ -75,6 +77,10 @@ def change_point(signal: np.ndarray, min_size: int = 3, model: str = "l2") -> in
     if x.shape[1] == 0:
         return n // 2
     x = (x - x.mean(0)) / x.std(0)
+    if smooth > 1:
+        from scipy.ndimage import uniform_filter1d
+
+        x = uniform_filter1d(x, size=smooth, axis=0, mode="nearest")
     algo = ruptures.Dynp(model=model, min_size=min_size, jump=1).fit(x)
     return int(algo.predict(n_bkps=1)[0])
 
@@ -103,9 +109,18 @@ def behavioural_signal(trace, dynamics_row: dict[str, np.ndarray] | None, grid: 
     return np.stack(channels, axis=1)
 
 
-def internal_signal(store, doc_id: str, cot_start: int, cot_end: int, layers: list[int], pca=None) -> np.ndarray:
-    """[T, channels] from the activation store for the CoT tokens of one trace."""
-    channels = []
+def internal_signal(store, doc_id: str, cot_start: int, cot_end: int, layers: list[int], pca=None, channels: str = "document") -> np.ndarray:
+    """[T, channels] from the activation store for the CoT tokens of one trace.
+
+    ``channels``: ``document`` (default): per layer, the mean attention mass heads send to the
+    document, the signature DESIGN §2 gives phase 1 (attending to evidence) against phase 2
+    (re-attending to the model's own shortlist); ``all`` adds per-layer mass to CoT label
+    mentions, mean log(1 + kurtosis) over document keys, and ``pca`` components of the final
+    residual stream.
+    """
+    channels_kind, channels = channels, []
+    if channels_kind not in ("document", "all"):
+        raise ValueError(f"channels={channels_kind!r}: use document or all")
     document = [int(Region.DOCUMENT), int(Region.ANCHOR)]
     mentions = [int(Region.MENTION_GOLD), int(Region.MENTION_NEAR_MISS), int(Region.MENTION_OTHER)]
     positions = None
@@ -116,9 +131,10 @@ def internal_signal(store, doc_id: str, cot_start: int, cot_end: int, layers: li
         positions = pos.numpy()[keep]
         m = mass.numpy()[keep]  # [T, head, region]
         channels.append(m[:, :, document].sum(-1).mean(1))
-        channels.append(m[:, :, mentions].sum(-1).mean(1))
-        channels.append(np.log1p(kurt.numpy()[keep]).mean(1))
-    if pca is not None:
+        if channels_kind == "all":
+            channels.append(m[:, :, mentions].sum(-1).mean(1))
+            channels.append(np.log1p(kurt.numpy()[keep]).mean(1))
+    if pca is not None and channels_kind == "all":
         last = f"blocks.{max(layers)}.hook_resid_post"
         pos, resid = store.read(doc_id, last)
         keep = ((pos >= cot_start) & (pos < cot_end)).numpy()
@@ -151,10 +167,13 @@ def _behavioural(trace, dynamics_row=None, grid=None, min_size=3, **_) -> int:
     return change_point(behavioural_signal(trace, dynamics_row, grid), min_size=min_size)
 
 
+INTERNAL_SMOOTHING = 5
+
+
 @register_estimator("internal")
-def _internal(trace, store=None, layers=None, pca=None, min_size=3, **_) -> int:
-    signal = internal_signal(store, str(trace.doc_id), int(trace.cot_start), int(trace.cot_end), layers, pca)
-    return change_point(signal, min_size=min_size)
+def _internal(trace, store=None, layers=None, pca=None, min_size=3, channels="document", **_) -> int:
+    signal = internal_signal(store, str(trace.doc_id), int(trace.cot_start), int(trace.cot_end), layers, pca, channels)
+    return change_point(signal, min_size=min_size, smooth=INTERNAL_SMOOTHING)
 
 
 def estimate_boundaries(traces: pd.DataFrame, estimators=("fixed", "behavioural", "internal"), **context) -> Boundary:
@@ -181,4 +200,4 @@ def estimate_boundaries(traces: pd.DataFrame, estimators=("fixed", "behavioural"
     frame = pd.DataFrame(rows)
     frame["true_token"] = frame["true_token"].astype("Int64")
     frame["abs_error_tokens"] = frame["abs_error_tokens"].astype("Float64")
-    return Boundary(frame, {"estimators": list(estimators), "change_point": "ruptures Dynp, l2 cost, 1 break, channels standardised"})
+    return Boundary(frame, {"estimators": list(estimators), "change_point": f"ruptures Dynp, l2 cost, 1 break, channels standardised; internal: moving average over {INTERNAL_SMOOTHING} tokens"})
