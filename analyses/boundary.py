@@ -167,13 +167,16 @@ def _behavioural(trace, dynamics_row=None, grid=None, min_size=3, **_) -> int:
     return change_point(behavioural_signal(trace, dynamics_row, grid), min_size=min_size)
 
 
-INTERNAL_SMOOTHING = 5
+# Moving-average window as a fraction of the CoT length: long enough to average out the token-by-
+# token swing of each line, short next to a phase (about 4% of the CoT).
+INTERNAL_SMOOTHING_FRACTION = 0.04
 
 
 @register_estimator("internal")
 def _internal(trace, store=None, layers=None, pca=None, min_size=3, channels="document", **_) -> int:
     signal = internal_signal(store, str(trace.doc_id), int(trace.cot_start), int(trace.cot_end), layers, pca, channels)
-    return change_point(signal, min_size=min_size, smooth=INTERNAL_SMOOTHING)
+    smooth = max(1, int(round(INTERNAL_SMOOTHING_FRACTION * len(signal))))
+    return change_point(signal, min_size=min_size, smooth=smooth)
 
 
 def estimate_boundaries(traces: pd.DataFrame, estimators=("fixed", "behavioural", "internal"), **context) -> Boundary:
@@ -200,4 +203,4 @@ def estimate_boundaries(traces: pd.DataFrame, estimators=("fixed", "behavioural"
     frame = pd.DataFrame(rows)
     frame["true_token"] = frame["true_token"].astype("Int64")
     frame["abs_error_tokens"] = frame["abs_error_tokens"].astype("Float64")
-    return Boundary(frame, {"estimators": list(estimators), "change_point": f"ruptures Dynp, l2 cost, 1 break, channels standardised; internal: moving average over {INTERNAL_SMOOTHING} tokens"})
+    return Boundary(frame, {"estimators": list(estimators), "change_point": f"ruptures Dynp, l2 cost, 1 break, channels standardised; internal: moving average over {INTERNAL_SMOOTHING_FRACTION:.0%} of the CoT"})

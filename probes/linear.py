@@ -126,7 +126,11 @@ def _newton(X: Tensor, Y: Tensor, M: Tensor, C: float, max_iter: int, tolerance:
         weights = C * M * p * (1 - p)
         if d <= 1024:  # explicit Hessians: compute-bound batched products, cache friendly
             hessian = torch.bmm(Xa.transpose(1, 2), Xa * weights.unsqueeze(-1)) + torch.diag_embed(penalty.expand(G, -1))
-            step = torch.linalg.solve(hessian, grad.unsqueeze(-1)).squeeze(-1)
+            # The Hessian is symmetric positive definite: a Cholesky solve is exact and stable.
+            factor, info = torch.linalg.cholesky_ex(hessian)
+            if bool((info != 0).any()):
+                factor = torch.linalg.cholesky(hessian + 1e-6 * torch.eye(d + 1, dtype=X.dtype))
+            step = torch.cholesky_solve(grad.unsqueeze(-1), factor).squeeze(-1)
         else:  # wide residual streams: Hessian-free
             step = _conjugate_gradient(Xa, weights, penalty, grad)
         scale = torch.ones(G, 1, dtype=X.dtype)
