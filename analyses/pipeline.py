@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ STAGES = ("data", "traces", "capture", "characterize", "patch", "isolate", "dist
 def _check_same_config(manifest: Manifest, stage: str, config: dict) -> None:
     """A finished stage is reused only for the same settings; otherwise refuse rather than overwrite."""
     done = manifest.data["stages"].get(stage, {})
+    config = json.loads(json.dumps(config, default=str))  # as the manifest stores it (tuples become lists)
     if done.get("status") == "complete" and done.get("config") != config:
         raise input_error(
             manifest.path,

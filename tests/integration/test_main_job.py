@@ -28,7 +28,7 @@ def test_quick_run_writes_every_stage_and_a_report(quick_run):
         assert (quick_run / "figures" / f"{name}.html").exists()
         if png_available():
             assert (quick_run / "figures" / f"{name}.png").stat().st_size > 10_000
-    assert "cdn.plot.ly" not in report  # opens offline: plotly.js is embedded
+    assert 'src="https://cdn.plot.ly' not in report and "Plotly.newPlot" in report  # plotly.js embedded: opens offline
 
 
 def test_rerun_reuses_finished_stages(quick_run, capsys):
