@@ -302,24 +302,12 @@ def mechanistic_loss(student, teacher_attn: dict, batch: list[_Example], out, z:
 
 
 def _student(tokenizer, cfg: DistillConfig, teacher_config, seed: int):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
+
+    from analyses.organism import small_qwen3_config
 
     torch.manual_seed(seed)
-    config = Qwen3Config(
-        vocab_size=teacher_config.vocab_size,
-        hidden_size=cfg.d_model,
-        intermediate_size=cfg.d_mlp,
-        num_hidden_layers=cfg.n_layers,
-        num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads,
-        head_dim=cfg.d_model // cfg.n_heads,
-        max_position_embeddings=teacher_config.max_position_embeddings,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        attn_implementation="eager",
-    )
+    config = small_qwen3_config(tokenizer, teacher_config.vocab_size, cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.d_mlp, teacher_config.max_position_embeddings, attn_implementation="eager")
     return Qwen3ForCausalLM(config)
 
 

@@ -246,6 +246,28 @@ def _batch(examples: list[tuple[np.ndarray, int]], pad_id: int) -> tuple[torch.T
     return input_ids, mask, labels
 
 
+def small_qwen3_config(tokenizer, vocab_size: int, d_model: int, n_layers: int, n_heads: int, n_kv_heads: int, d_mlp: int, max_positions: int, **extra):
+    """A from-scratch Qwen3 config for the organism and its students (untied unembedding)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=d_mlp,
+        num_hidden_layers=n_layers,
+        num_attention_heads=n_heads,
+        num_key_value_heads=n_kv_heads,
+        head_dim=d_model // n_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        rope_theta=10000.0,
+        **extra,
+    )
+
+
 # Training notes come from their own seed range, so notes a user generates with small seeds (the
 # default run uses seed 0) are never notes the organism was trained on.
 TRAINING_NOTE_SEED_OFFSET = 1_000_003
@@ -266,7 +288,7 @@ def organism_notes(config: "OrganismConfig") -> tuple[LabelSpace, pd.DataFrame]:
 def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), progress: bool = True) -> Path:
     """Train the organism and save it to ``out`` as a Hugging Face folder with its metadata."""
     from tqdm.auto import tqdm
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
     out = Path(out)
     torch.set_num_threads(config.threads)
@@ -279,22 +301,7 @@ def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), p
     examples = _encode_corpus(pd.concat([train_corpus, dictionary_corpus(labels, config.dictionary_repeats)]), tokenizer, config.max_positions)
     if not examples:
         raise input_error(None, "no training sequence fits max_positions", "raise max_positions")
-    model_config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=config.d_model,
-        intermediate_size=config.d_mlp,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
-        head_dim=config.d_model // config.n_heads,
-        max_position_embeddings=config.max_positions,
-        tie_word_embeddings=False,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        rope_theta=10000.0,
-    )
-    model = Qwen3ForCausalLM(model_config)
+    model = Qwen3ForCausalLM(small_qwen3_config(tokenizer, len(tokenizer), config.d_model, config.n_layers, config.n_heads, config.n_kv_heads, config.d_mlp, config.max_positions))
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
