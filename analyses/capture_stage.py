@@ -71,6 +71,7 @@ def capture_run(
 
     run_dir = Path(run_dir)
     manifest = manifest or Manifest(run_dir)
+    manifest.verify_complete()
     model_path = manifest.model_path()
     traces = read_parquet(run_dir / "traces.parquet", required=("doc_id", "prompt_ids", "output_ids", "regions", "cot_start", "cot_end"))
     bridge = model if model is not None else load_model(model_path)

@@ -400,6 +400,7 @@ def characterize_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0, pro
 
     run_dir = Path(run_dir)
     manifest = manifest or Manifest(run_dir)
+    manifest.verify_complete()
     model_path = manifest.model_path()
     dataset = Dataset.load(run_dir)
     traces = read_parquet(run_dir / "traces.parquet", required=("doc_id", "output_ids", "cot_start", "cot_end", "regions", "mentions"))

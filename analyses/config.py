@@ -48,5 +48,19 @@ def load_config(path: str | Path | None, **overrides) -> RunConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise input_error(path, f"unknown setting(s) {unknown}", f"use only {sorted(known)}")
+        _check_types(path, values)
     values.update({k: v for k, v in overrides.items() if v is not None})
     return RunConfig(**values)
+
+
+_TYPES = {"out": (str,), "model": (str,), "dataset": (str,), "dataset_path": (str,), "dataset_options": (dict,), "split": (str,), "n_docs": (int,), "seed": (int,), "quick": (bool,)}
+
+
+def _check_types(path: Path, values: dict) -> None:
+    for key, value in values.items():
+        expected = _TYPES[key]
+        # bool is an int in Python; a TOML `seed = true` is still a mistake
+        if not isinstance(value, expected) or (isinstance(value, bool) and bool not in expected):
+            raise input_error(path, f"setting {key!r} is {type(value).__name__} {value!r}", f"give a {expected[0].__name__}")
+        if key == "n_docs" and value < 1:
+            raise input_error(path, f"n_docs is {value}", "give a positive number of documents")

@@ -421,6 +421,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
     cfg = config or DistillConfig()
     run_dir = Path(run_dir)
     manifest = manifest or Manifest(run_dir)
+    manifest.verify_complete()
     model_path = manifest.model_path()
     dataset = Dataset.load(run_dir)
     labels = dataset.labels

@@ -6,6 +6,7 @@ stage never leaves a half-written file under a final name, and never clobbers wh
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -33,6 +34,8 @@ __all__ = [
     "write_json",
     "read_json",
     "Manifest",
+    "file_sha256",
+    "output_files",
     "package_versions",
 ]
 
@@ -206,11 +209,41 @@ def check_run_name(out: str | Path, root: str | Path = "results") -> Path:
     return out
 
 
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Activation shards carry their own checksums (activations/shards.json, verified by the store on
+# every read), so the manifest hashes the store's listing and index instead of every shard again.
+_SELF_CHECKED = ("activations/shard-",)
+
+
+def output_files(run_dir: Path, outputs: Iterable[str]) -> list[str]:
+    """The files (relative paths) behind a stage's declared outputs; ``name/`` means the whole folder."""
+    files: list[str] = []
+    for entry in outputs:
+        path = run_dir / entry
+        if path.is_dir():
+            for child in sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")):
+                rel = child.relative_to(run_dir).as_posix()
+                if not rel.startswith(_SELF_CHECKED):
+                    files.append(rel)
+        elif path.is_file():
+            files.append(path.relative_to(run_dir).as_posix())
+    return files
+
+
 class Manifest:
     """``results/<run>/manifest.json``: resolved config, versions, seeds, git commit and stage timings.
 
     Each stage records itself with :meth:`stage`; the file is rewritten atomically after every
-    change so an interrupted run still says what it finished.
+    change so an interrupted run still says what it finished. The status ``complete`` is written
+    last, after the stage's outputs, together with the sha256 of every output file: a stage
+    without it is never read as finished, and :meth:`verify` refuses outputs edited since.
     """
 
     def __init__(self, run_dir: str | Path):
@@ -249,10 +282,26 @@ class Manifest:
             record["seconds"] = round(time.perf_counter() - start, 3)
             self.save()
             raise
+        record["sha256"] = {rel: file_sha256(self.run_dir / rel) for rel in output_files(self.run_dir, record.get("outputs", []))}
         record["status"] = "complete"
         record["seconds"] = round(time.perf_counter() - start, 3)
         self.save()
 
+    def verify(self, name: str) -> None:
+        """Check a finished stage's output files against the hashes recorded when it finished."""
+        record = self.data["stages"].get(name, {})
+        for rel, expected in record.get("sha256", {}).items():
+            path = self.run_dir / rel
+            if not path.is_file():
+                raise input_error(path, f"output of stage {name!r} is missing", f"rerun the stage (delete {self.run_dir} to start over)")
+            if file_sha256(path) != expected:
+                raise input_error(path, f"changed since stage {name!r} wrote it (sha256 differs from manifest.json)", "restore the file or rerun the stage into a new --out; results are never read from edited files")
+
+    def verify_complete(self) -> None:
+        """:meth:`verify` every finished stage (done before any stage reads earlier outputs)."""
+        for name, record in self.data["stages"].items():
+            if record.get("status") == "complete":
+                self.verify(name)
     def model_path(self) -> str:
         """The model folder recorded by the traces stage (every later stage reads the same model)."""
         path = self.data.get("model", {}).get("path")

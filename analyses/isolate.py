@@ -107,6 +107,7 @@ def isolate_run(
 
     run_dir = Path(run_dir)
     manifest = manifest or Manifest(run_dir)
+    manifest.verify_complete()
     model_path = manifest.model_path()
     traces = read_parquet(run_dir / "traces.parquet")
     boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))

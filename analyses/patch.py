@@ -103,6 +103,7 @@ def patch_run(
 
     run_dir = Path(run_dir)
     manifest = manifest or Manifest(run_dir)
+    manifest.verify_complete()
     model_path = manifest.model_path()
     scores = read_parquet(run_dir / "head_scores.parquet", required=("layer", "head", "score", "rank"))
     boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))

@@ -152,6 +152,7 @@ def run_study(config: RunConfig, until: str | None = None) -> Path:
     run_dir = Path(config.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(run_dir)
+    manifest.verify_complete()
     manifest.update(config=config.to_dict())
     started = time.perf_counter()
     dataset = _stage_data(config, run_dir, manifest)

@@ -57,7 +57,7 @@ class ApproximateIndex:
     vectors: np.ndarray
     connectivity: int = 32
     expansion_add: int = 128
-    expansion_search: int = 256
+    expansion_search: int = 512
     threads: int = 0
     _index: object = field(init=False, repr=False)
 
@@ -68,6 +68,11 @@ class ApproximateIndex:
         self._index = Index(ndim=vectors.shape[1], metric="cos", dtype="f32", connectivity=self.connectivity, expansion_add=self.expansion_add, expansion_search=self.expansion_search)
         self._index.add(np.arange(len(vectors), dtype=np.uint64), vectors, threads=self.threads)
         self.size = len(vectors)
+
+    def set_expansion_search(self, expansion_search: int) -> None:
+        """Change the search-time beam width without rebuilding the graph."""
+        self.expansion_search = expansion_search
+        self._index.expansion_search = expansion_search
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         queries = _unit(np.atleast_2d(queries))
@@ -89,10 +94,18 @@ def build_index(vectors: np.ndarray, kind: str = "auto", **options):
     raise CtdInputError(f"unknown index kind {kind!r}; use exact, approximate or auto")
 
 
-def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int) -> float:
-    """Mean fraction of each query's exact top-k that the approximate top-k contains."""
-    hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) / k for a, e in zip(approx, exact)]
-    return float(np.mean(hits))
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, k: int, approx_scores: np.ndarray | None = None, exact_scores: np.ndarray | None = None, tolerance: float = 1e-5) -> float:
+    """Mean fraction of each query's exact top-k that the approximate top-k contains.
+
+    With scores, ties count (the ann-benchmarks convention): a returned label is a hit when its
+    similarity reaches the exact k-th similarity, so any of several labels with identical vectors
+    is a correct k-th neighbour.
+    """
+    if approx_scores is None or exact_scores is None:
+        hits = [len(set(a[:k].tolist()) & set(e[:k].tolist())) / k for a, e in zip(approx, exact)]
+        return float(np.mean(hits))
+    kth = np.asarray(exact_scores)[:, k - 1 : k]
+    return float(np.mean((np.asarray(approx_scores)[:, :k] >= kth - tolerance).sum(axis=1) / k))
 
 
 class LabelRetriever:

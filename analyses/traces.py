@@ -210,6 +210,7 @@ def write_traces(
     if docs.empty:
         raise input_error(run_dir, f"no documents in split {split!r}", "choose another --split or a dataset with that split")
     manifest = manifest or Manifest(run_dir)
+    manifest.verify_complete()
     if not (run_dir / "docs.parquet").exists():
         dataset.save(run_dir)
     stage_config = traces_stage_config(model_dir, split, n_docs, template_name, config)

@@ -117,19 +117,68 @@ def load_tokenizer(path: str | Path, trust_remote_code: bool = False):
     return tokenizer
 
 
+def _checkpoint_shapes(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{tensor name: (file, shape)}`` from the safetensors headers (no tensor is read)."""
+    from safetensors import safe_open
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        hint = f" (found {pickled[0]}: pickle files are never loaded; convert it to safetensors)" if pickled else ""
+        raise input_error(path, f"no .safetensors weights{hint}", "save the model with save_pretrained(safe_serialization=True)")
+    shapes = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name] = (file.name, tuple(handle.get_slice(name).get_shape()))
+        except Exception as exc:  # safetensors raises its own error types for damaged headers
+            raise input_error(file, f"damaged safetensors file ({type(exc).__name__})", "restore the weights from their source") from None
+    return shapes
+
+
+def _check_checkpoint(path: Path, trust_remote_code: bool) -> None:
+    """Every tensor the architecture needs is in the checkpoint with the shape config.json implies."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    stored = _checkpoint_shapes(path)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    tied = getattr(config, "tie_word_embeddings", False)
+    for name, shape in expected.items():
+        if name not in stored:
+            if tied and name == "lm_head.weight":
+                continue
+            raise input_error(path, f"checkpoint lacks tensor {name!r} (shape {list(shape)})", "the weights do not belong to this config.json; restore them")
+        file, got = stored[name]
+        if got != shape:
+            raise input_error(path / file, f"tensor {name!r} has shape {list(got)} but config.json implies {list(shape)}", "the weights do not belong to this config.json; restore them")
+    extra = sorted(set(stored) - set(expected))
+    if extra:
+        raise input_error(path / stored[extra[0]][0], f"{len(extra)} tensor(s) the architecture does not have, e.g. {extra[0]!r}", "the weights do not belong to this config.json; restore them")
+
+
 def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "eager", trust_remote_code: bool = False):
-    """The plain Hugging Face model (for generation with its KV cache), in eval mode."""
+    """The plain Hugging Face model (for generation with its KV cache), in eval mode.
+
+    Only safetensors are read, and the checkpoint is checked against config.json first: a
+    missing, extra or wrongly shaped tensor is an input error naming it, never a silent random init.
+    """
     from transformers import AutoModelForCausalLM
 
     _offline()
     path = Path(path)
     family_of(path)
+    _check_checkpoint(path, trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(path),
             dtype=dtype,
             attn_implementation=attn_implementation,
             local_files_only=True,
+            use_safetensors=True,
             trust_remote_code=trust_remote_code,
         )
     except (OSError, ValueError, RuntimeError) as exc:

@@ -88,11 +88,16 @@ class Dataset:
     def load(cls, run_dir: str | Path) -> "Dataset":
         run_dir = Path(run_dir)
         labels = LabelSpace.load(run_dir / "labels.parquet")
-        docs, meta = read_parquet(run_dir / "docs.parquet", required=("doc_id", "split", "text", "gold"), with_metadata=True)
-        docs["gold"] = [list(map(int, g)) for g in docs["gold"]]
-        for col in ("near_miss",):
+        docs_path = run_dir / "docs.parquet"
+        docs, meta = read_parquet(docs_path, required=("doc_id", "split", "text", "gold"), with_metadata=True)
+        for col in ("gold", "near_miss"):
             if col in docs:
-                docs[col] = [list(map(int, g)) for g in docs[col]]
+                docs[col] = [_label_ids(docs_path, col, row, value, len(labels)) for row, value in enumerate(docs[col])]
+        if docs["doc_id"].isna().any() or docs["doc_id"].duplicated().any():
+            raise input_error(docs_path, "doc_id has missing or repeated values", "rewrite the file with Dataset.save")
+        bad_text = [i for i, t in enumerate(docs["text"]) if not isinstance(t, str)]
+        if bad_text:
+            raise input_error(docs_path, f"row {bad_text[0]}: text is not a string", "rewrite the file with Dataset.save")
         info = json.loads(meta.get("ctd_dataset", "{}"))
         filters = {}
         if (run_dir / "filters.json").exists():
@@ -100,6 +105,21 @@ class Dataset:
 
             filters = {k: np.asarray(v, dtype=np.int64).reshape(-1, 2) for k, v in read_json(run_dir / "filters.json").items()}
         return cls(name=info.pop("name", "unknown"), labels=labels, docs=docs, filters=filters, info=info)
+
+
+def _label_ids(path: Path, column: str, row: int, value, n_labels: int) -> list[int]:
+    """A list of label ids in [0, n_labels) from a parquet cell, or an input error naming the row."""
+    try:
+        ids = [int(v) for v in value] if isinstance(value, (list, tuple, np.ndarray)) else None
+        exact = ids is not None and all(float(a) == float(b) for a, b in zip(ids, value))
+    except (TypeError, ValueError, OverflowError):
+        ids, exact = None, False
+    if not exact:
+        raise input_error(path, f"row {row}: {column} is not a list of label ids ({str(value)[:40]!r})", "rewrite the file with Dataset.save")
+    out_of_range = [i for i in ids if not 0 <= i < n_labels]
+    if out_of_range:
+        raise input_error(path, f"row {row}: {column} holds label id {out_of_range[0]}, outside 0..{n_labels - 1} of labels.parquet", "the docs and labels files do not belong together")
+    return ids
 
 
 SourceLoader = Callable[..., Dataset]

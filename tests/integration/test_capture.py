@@ -187,3 +187,33 @@ def test_other_settings_are_refused_and_corruption_detected(tiny_run, bridge, tm
     store = open_store(run)
     with pytest.raises(Exception, match="checksum mismatch"):
         store.read(store.doc_ids[0], "blocks.0.hook_resid_post")
+
+
+def test_truncated_shard_is_named_and_never_read(tiny_run, bridge, tmp_path):
+    src, _ = tiny_run
+    run = _copy_run(src, tmp_path / "t")
+    capture_run(run, points=["resid_post@0"], model=bridge, progress=False)
+    shard = run / "activations" / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    store = open_store(run)
+    with pytest.raises(Exception, match="shard-00000.safetensors: checksum mismatch"):
+        store.read(store.doc_ids[0], "blocks.0.hook_resid_post")
+
+
+def test_non_finite_activations_stop_the_capture_with_their_location(tiny_run, bridge, tmp_path):
+    from probes.errors import CtdNumericalError
+
+    src, traces = tiny_run
+    run = _copy_run(src, tmp_path / "nan")
+
+    def poison(resid, hook):
+        resid[:, -1, 0] = float("nan")
+        return resid
+
+    bridge.add_hook("blocks.1.hook_resid_post", poison)
+    try:
+        with pytest.raises(CtdNumericalError, match=r"non-finite values in blocks\.1\.hook_resid_post for '.+' at position \d+"):
+            capture_run(run, points=["resid_post"], model=bridge, progress=False)
+    finally:
+        bridge.reset_hooks()
+    assert not json.loads((run / "manifest.json").read_text())["stages"]["capture"]["status"] == "complete"

@@ -76,3 +76,27 @@ def test_missing_folder_and_unsupported_architecture(tmp_path, tiny_models):
     with pytest.raises(CtdInputError, match=r"unsupported architecture 'GPT2LMHeadModel'"):
         load_model(folder)
     assert load_tokenizer(tiny_models["qwen3"]).padding_side == "left"
+
+
+@pytest.mark.parametrize("damage", ["shape", "missing", "extra", "pickle"])
+def test_damaged_checkpoints_are_named_and_never_loaded(tiny_models, tmp_path, damage):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / damage
+    shutil.copytree(tiny_models["qwen3"], folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    name = "model.layers.1.self_attn.q_proj.weight"
+    if damage == "shape":
+        weights[name] = weights[name][:, :-1].contiguous()
+    elif damage == "missing":
+        del weights[name]
+    elif damage == "extra":
+        weights["model.layers.9.mlp.up_proj.weight"] = torch.zeros(2, 2)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if damage == "pickle":
+        (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    expected = {"shape": r"q_proj\.weight' has shape \[64, 63\] but config\.json implies \[64, 64\]", "missing": "lacks tensor 'model.layers.1.self_attn.q_proj.weight'", "extra": "does not have, e.g. 'model.layers.9", "pickle": "pickle files are never loaded"}[damage]
+    with pytest.raises(CtdInputError, match=expected):
+        load_model(folder)
