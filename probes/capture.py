@@ -129,33 +129,70 @@ def attention_reductions(
     document_mask: Bool[Tensor, "batch key"],
     n_regions: int,
     value_norms: Float[Tensor, "batch head key"] | None = None,
+    query_window: int | None = None,
 ) -> dict[str, Tensor]:
     """Reduce a full attention pattern at chosen queries (indices into the padded batch).
 
     Returns ``region_mass`` [batch, nq, head, region], ``doc_kurtosis`` [batch, nq, head] and,
     with ``value_norms``, ``value_mass`` [batch, nq, head, region].
+
+    ``query_window=w`` says every query lies in the last ``w`` positions (output tokens under left
+    padding): the reductions then read that slice of the pattern in place instead of copying the
+    query rows out. Region sums, value-weighted sums and the document-key moments are matrix
+    products of the rows with per-key indicator columns, so the pattern is read a few times only.
     """
-    b, h, _, k = pattern.shape
-    rows = pattern.gather(2, query_index[:, None, :, None].expand(b, h, query_index.shape[1], k)).float()
+    b, h, n_queries, k = pattern.shape
+    if query_window is not None:
+        start = n_queries - query_window
+        rows = pattern[:, :, start:, :]  # a view: no copy of the pattern
+        local_index = (query_index - start).clamp(min=0)
+    else:
+        rows = pattern.gather(2, query_index[:, None, :, None].expand(b, h, query_index.shape[1], k))
+        local_index = None
+    rows = rows.float()
     onehot = torch.zeros(b, k, n_regions, dtype=rows.dtype, device=rows.device)
     valid = key_regions >= 0
     onehot[valid.nonzero(as_tuple=True) + (key_regions[valid],)] = 1.0
-    out = {
-        "region_mass": torch.einsum("bhqk,bkr->bqhr", rows, onehot),
-        "doc_kurtosis": doc_kurtosis(rows, document_mask[:, None, None, :].expand_as(rows)).permute(0, 2, 1),
-    }
+    doc = document_mask.to(rows.dtype)
+    columns = torch.cat([onehot, doc.unsqueeze(-1)], dim=-1)[:, None].expand(b, h, k, n_regions + 1)
     if value_norms is not None:
-        out["value_mass"] = torch.einsum("bhqk,bhk,bkr->bqhr", rows, value_norms.float(), onehot)
+        columns = torch.cat([columns, value_norms.float().unsqueeze(-1) * onehot[:, None]], dim=-1)
+    sums = torch.matmul(rows, columns)  # [b, h, q, region | doc | value-weighted region]
+    n_doc = doc.sum(-1)[:, None, None]
+    mean = sums[..., n_regions] / n_doc.clamp(min=1)
+    powers = rows - mean.unsqueeze(-1)
+    powers.square_()
+    doc_column = doc[:, None, :, None]
+    m2 = torch.matmul(powers, doc_column).squeeze(-1) / n_doc.clamp(min=1)
+    m4 = torch.matmul(powers.square_(), doc_column).squeeze(-1) / n_doc.clamp(min=1)
+    del powers
+    kurt = m4 / m2.pow(2).clamp(min=1e-30)
+    flat = m2 <= (1e-6 * mean.abs()).pow(2) + 1e-30  # variance below float rounding of the mean
+    kurt = torch.where(~flat & (n_doc > 1), kurt, torch.zeros_like(kurt))
+    out = {"region_mass": sums[..., :n_regions].permute(0, 2, 1, 3), "doc_kurtosis": kurt.permute(0, 2, 1)}
+    if value_norms is not None:
+        out["value_mass"] = sums[..., n_regions + 1 :].permute(0, 2, 1, 3)
+    if local_index is not None:  # back to one entry per requested query
+        out = {name: t.gather(1, local_index.view(b, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])) for name, t in out.items()}
     return out
 
 
-def _head_value_norms(v: Float[Tensor, "batch pos kv_head d_head"], w_o: Float[Tensor, "head d_head d_model"]) -> Float[Tensor, "batch head pos"]:
+def value_gram(w_o: Float[Tensor, "head d_head d_model"]) -> Float[Tensor, "head d_head d_head"]:
+    """W_O^h (W_O^h)^T per head: ||v W_O^h||^2 = v^T G_h v without forming the d_model-wide write."""
+    w = w_o.float()
+    return torch.einsum("hdm,hem->hde", w, w)
+
+
+def _head_value_norms(v: Float[Tensor, "batch pos kv_head d_head"], w_o: Float[Tensor, "head d_head d_model"], gram: Tensor | None = None) -> Float[Tensor, "batch head pos"]:
     """||v_k W_O^h|| per head and key: what head h would write if it attended only to key k."""
-    n_heads = w_o.shape[0]
-    group = n_heads // v.shape[2]
-    v_heads = v.repeat_interleave(group, dim=2)  # grouped-query attention: kv head of each head
-    writes = torch.einsum("bphd,hdm->bphm", v_heads.float(), w_o.float())
-    return writes.norm(dim=-1).permute(0, 2, 1)
+    gram = value_gram(w_o) if gram is None else gram
+    n_heads, d_head = gram.shape[0], gram.shape[1]
+    b, p, n_kv, _ = v.shape
+    group = n_heads // n_kv  # grouped-query attention: head h reads kv head h // group
+    vf = v.float()
+    projected = torch.einsum("bpkd,kgde->bpkge", vf, gram.view(n_kv, group, d_head, d_head))
+    squared = torch.einsum("bpkge,bpke->bkgp", projected, vf).reshape(b, n_heads, p)
+    return squared.clamp(min=0).sqrt()
 
 
 def capture(
@@ -195,6 +232,8 @@ def capture(
     pad_id = bridge.tokenizer.pad_token_id if bridge.tokenizer.pad_token_id is not None else 0
     batches = [requests[i : i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
     device = bridge.cfg.device
+    with torch.no_grad():
+        grams = {layer: value_gram(bridge.blocks[layer].attn.W_O.detach()) for layer in config.attention_layers}
 
     bar = tqdm(total=len(requests), desc="capture", disable=not progress, file=sys.stderr)
     for shard_id, batch in enumerate(batches):
@@ -217,6 +256,9 @@ def capture(
                 query_index[i, len(p) :] = p[-1]
             key_regions[i, offsets[i] : offsets[i] + len(r.token_ids)] = torch.tensor(r.regions)
             document_mask[i, offsets[i] : offsets[i] + len(r.token_ids)] = torch.tensor(r.document_mask)
+        lengths = [len(r.positions) for r in batch]
+        # Output tokens under left padding: every row's queries are a run ending at the last column.
+        window = max(lengths) if all(n and np.array_equal(r.positions + offsets[i], np.arange(width - n, width)) for i, (r, n) in enumerate(zip(batch, lengths))) else None
         query_index, key_regions, document_mask = query_index.to(device), key_regions.to(device), document_mask.to(device)
         gathered: dict[str, Tensor] = {}
         value_norms: dict[int, Tensor] = {}
@@ -240,10 +282,10 @@ def capture(
             w_o = bridge.blocks[layer].attn.W_O.detach()
 
             def v_hook(v, hook, layer=layer, w_o=w_o):
-                value_norms[layer] = _head_value_norms(v.detach(), w_o)
+                value_norms[layer] = _head_value_norms(v.detach(), w_o, grams[layer])
 
             def pattern_hook(pattern, hook, layer=layer):
-                reduced = attention_reductions(pattern.detach(), query_index, key_regions, document_mask, config.n_regions, value_norms.pop(layer, None))
+                reduced = attention_reductions(pattern.detach(), query_index, key_regions, document_mask, config.n_regions, value_norms.pop(layer, None), window)
                 for what, tensor in reduced.items():
                     gathered[REDUCTIONS[what][0].format(layer=layer)] = tensor.to("cpu", torch.float32)
 

@@ -1,8 +1,7 @@
 """A bank of binary logistic probes, one per group (e.g. layer x position bucket), fit in one solve.
 
-Every group's problem is independent, so the sum of their objectives is minimised jointly with one
-L-BFGS run over stacked parameters: one set of batched matrix products per step instead of one
-scikit-learn fit per group. The objective per group is scikit-learn's
+Every group's problem is independent, so all of them take batched Newton steps together: one set
+of batched matrix products per step instead of one scikit-learn fit per group. The objective per group is scikit-learn's
 ``0.5 ||w||^2 + C * sum(log-loss)`` on standardised features (mean and scale from the training
 rows), so a scikit-learn reference path (``fit_sklearn``) solves the same problems.
 
@@ -11,6 +10,7 @@ Splits are by document, never by token: a document's tokens are all train or all
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,43 +107,66 @@ def _conjugate_gradient(Xa: Tensor, weights: Tensor, penalty: Tensor, grad: Tens
     return s
 
 
-def _newton(X: Tensor, Y: Tensor, M: Tensor, C: float, max_iter: int, tolerance: float) -> tuple[Tensor, Tensor, int]:
-    """Batched truncated Newton (Newton-CG, as liblinear's TRON) with per-group step halving."""
+@contextmanager
+def _single_thread():
+    # Batched Cholesky of many small matrices is slower with several OpenMP threads than with one
+    # (measured 6 ms vs 170 ms for 20 x 257^2 on 2 shared cores): factorise single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _newton(X: Tensor, Y: Tensor, M: Tensor, C: float, max_iter: int, tolerance: float, curvature_dtype: torch.dtype = torch.bfloat16) -> tuple[Tensor, Tensor, int]:
+    """Batched Newton with per-group step halving; stops when every group's gradient is small.
+
+    The gradient and the objective are exact (float32), so the fixed point is the exact optimum;
+    the Hessian only shapes the step, so it is formed in ``curvature_dtype`` (bfloat16 products run
+    about 3x faster than float32 on CPUs with bf16 units, at no cost in the solution).
+    Logits are updated along the step (z - s X step) instead of recomputed for each trial scale.
+    """
     G, n, d = X.shape
     Xa = torch.cat([X, torch.ones(G, n, 1, dtype=X.dtype)], dim=2)  # bias as a last feature
+    Xa_t = Xa.transpose(1, 2)
+    Xa_low = Xa.to(curvature_dtype) if d <= 1024 else None
     theta = torch.zeros(G, d + 1, dtype=X.dtype)
+    logits = torch.zeros(G, n, dtype=X.dtype)
     penalty = torch.ones(d + 1, dtype=X.dtype)
     penalty[-1] = 1e-10  # the bias is not regularised (as in scikit-learn)
 
-    def objective(t: Tensor) -> Tensor:
-        z = torch.einsum("gnd,gd->gn", Xa, t)
+    def objective(t: Tensor, z: Tensor) -> Tensor:
         return C * (torch.nn.functional.binary_cross_entropy_with_logits(z, Y, reduction="none") * M).sum(1) + 0.5 * (t[:, :d] ** 2).sum(1)
 
-    current = objective(theta)
+    current = objective(theta, logits)
     for iteration in range(1, max_iter + 1):
-        p = torch.sigmoid(torch.einsum("gnd,gd->gn", Xa, theta))
-        grad = C * torch.einsum("gnd,gn->gd", Xa, M * (p - Y)) + penalty * theta
+        p = torch.sigmoid(logits)
+        grad = C * torch.bmm(Xa_t, (M * (p - Y)).unsqueeze(-1)).squeeze(-1) + penalty * theta
+        # scikit-learn's lbfgs stops on the largest gradient entry; scale-free here by the objective
+        if bool((grad.abs().amax(1) <= tolerance * current.abs().clamp(min=1)).all()):
+            return theta[:, :d], theta[:, d], iteration - 1
         weights = C * M * p * (1 - p)
-        if d <= 1024:  # explicit Hessians: compute-bound batched products, cache friendly
-            hessian = torch.bmm(Xa.transpose(1, 2), Xa * weights.unsqueeze(-1)) + torch.diag_embed(penalty.expand(G, -1))
-            # The Hessian is symmetric positive definite: a Cholesky solve is exact and stable.
-            factor, info = torch.linalg.cholesky_ex(hessian)
-            if bool((info != 0).any()):
-                factor = torch.linalg.cholesky(hessian + 1e-6 * torch.eye(d + 1, dtype=X.dtype))
-            step = torch.cholesky_solve(grad.unsqueeze(-1), factor).squeeze(-1)
+        if Xa_low is not None:  # explicit Hessians: compute-bound batched products, cache friendly
+            rows = Xa_low * weights.sqrt().to(curvature_dtype).unsqueeze(-1)
+            hessian = torch.bmm(rows.transpose(1, 2), rows).to(X.dtype) + torch.diag_embed(penalty.expand(G, -1))
+            with _single_thread():
+                factor, info = torch.linalg.cholesky_ex(hessian)
+                if bool((info != 0).any()):
+                    factor = torch.linalg.cholesky(hessian + 1e-4 * torch.eye(d + 1, dtype=X.dtype))
+                step = torch.cholesky_solve(grad.unsqueeze(-1), factor).squeeze(-1)
         else:  # wide residual streams: Hessian-free
             step = _conjugate_gradient(Xa, weights, penalty, grad)
+        logit_step = torch.bmm(Xa, step.unsqueeze(-1)).squeeze(-1)
         scale = torch.ones(G, 1, dtype=X.dtype)
         for _ in range(30):  # halve the step of any group whose objective went up
-            candidate = theta - scale * step
-            value = objective(candidate)
-            worse = value > current + 1e-12 * current.abs().clamp(min=1)
+            candidate, candidate_logits = theta - scale * step, logits - scale * logit_step
+            value = objective(candidate, candidate_logits)
+            worse = value > current + 1e-7 * current.abs().clamp(min=1)
             if not worse.any():
                 break
             scale[worse] *= 0.5
-        theta, current = candidate, value
-        if (scale * step).abs().max() < tolerance * (1 + theta.abs().max()):
-            return theta[:, :d], theta[:, d], iteration
+        theta, logits, current = candidate, candidate_logits, value
     return theta[:, :d], theta[:, d], max_iter
 
 
@@ -152,13 +175,14 @@ def fit_probe_bank(
     train_masks: list[np.ndarray],
     C: float = 1.0,
     max_iter: int = 100,
-    tolerance: float = 1e-5,
+    tolerance: float = 1e-4,
     solver: str = "auto",
 ) -> ProbeFit:
     """Fit one L2-regularised logistic probe per problem on its training rows, all in one solve.
 
     ``solver``: ``newton`` (batched Newton steps: explicit Hessians up to 1,024 features,
-    conjugate gradients beyond) or ``lbfgs`` (one joint L-BFGS run).
+    conjugate gradients beyond; stops when every group's largest gradient entry is below
+    ``tolerance`` times its objective) or ``lbfgs`` (one joint L-BFGS run).
     """
     if not problems:
         raise CtdInputError("fit_probe_bank: no probe problems")
@@ -174,15 +198,21 @@ def fit_probe_bank(
     X = torch.zeros(G, max(n_max, 1), d, dtype=dtype)
     Y = torch.zeros(G, max(n_max, 1), dtype=dtype)
     M = torch.zeros(G, max(n_max, 1), dtype=dtype)
-    means = np.zeros((G, d), np.float32)
-    scales = np.ones((G, d), np.float32)
     for g, (p, mask) in enumerate(zip(problems, train_masks)):
-        xt = p.features[mask]
-        means[g], scales[g] = _standardise(xt)
-        n = len(xt)
-        X[g, :n] = torch.from_numpy((xt - means[g]) / scales[g]).to(dtype)
+        n = int(mask.sum())
+        X[g, :n] = torch.from_numpy(p.features[mask]).to(dtype)
         Y[g, :n] = torch.from_numpy(p.labels[mask]).to(dtype)
         M[g, :n] = 1.0
+    # Standardise every group at once (two-pass mean and variance over its training rows).
+    counts = M.sum(1, keepdim=True).clamp(min=1).unsqueeze(-1)
+    mean = X.sum(1, keepdim=True) / counts
+    X -= mean
+    X *= M.unsqueeze(-1)  # padding rows back to zero
+    std = (X.square().sum(1, keepdim=True) / counts).sqrt()
+    std = torch.where(std > 1e-8, std, torch.ones_like(std))
+    X /= std
+    means = mean.squeeze(1).numpy().astype(np.float32)
+    scales = std.squeeze(1).numpy().astype(np.float32)
     if solver == "newton":
         W_, b_, iterations = _newton(X, Y, M, C, max_iter, tolerance)
         if not torch.isfinite(W_).all():

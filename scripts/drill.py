@@ -7,7 +7,8 @@ Usage: python scripts/drill.py [--reference DIR] [--work DIR] [--kills 1] [--see
 2. For each stage S and each kill: the reference is copied with S and every later stage removed
    (their outputs deleted, their manifest records dropped), ``ctd run --quick --until S`` starts
    on the copy, and once the manifest says S is running the process gets SIGKILL after a random
-   delay drawn uniformly within S's reference duration.
+   delay drawn uniformly within 90% of S's reference duration; if S finished before the kill,
+   the attempt is repeated with a third of the delay (at most 4 attempts).
 3. The drill then checks that S is not marked complete, reruns ``--until S`` to the end, and
    compares every output file of S with the reference: byte-identical, or equal content where a
    file records timings or random ids (report HTML).
@@ -124,19 +125,25 @@ def compare(reference: Path, rerun: Path, stage: str) -> tuple[bool, list[str]]:
 
 def drill(reference: Path, work: Path, stage: str, rng: random.Random, index: int) -> dict:
     target = work / f"{stage}-{index}"
-    prepare(reference, target, stage)
     duration = float(manifest_of(reference)["stages"][stage].get("seconds", 1.0))
-    delay = rng.uniform(0.0, 0.9 * duration)  # inside the stage even if the rerun is a little faster
-    proc = ctd(target, "--until", stage)
-    t0 = time.perf_counter()
-    while stage_status(target, stage) != "running" and proc.poll() is None and time.perf_counter() - t0 < 600:
-        time.sleep(0.01)
-    time.sleep(delay)
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    status_after_kill = stage_status(target, stage)
-    killed_during = status_after_kill == "running"
+    delay = rng.uniform(0.0, 0.9 * duration)
+    for attempt in range(1, 5):
+        # A kill that lands after the stage finished tests nothing: retry sooner (the reference
+        # may have run slower than this machine runs now).
+        prepare(reference, target, stage)
+        proc = ctd(target, "--until", stage)
+        t0 = time.perf_counter()
+        while stage_status(target, stage) != "running" and proc.poll() is None and time.perf_counter() - t0 < 600:
+            time.sleep(0.01)
+        time.sleep(delay)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        status_after_kill = stage_status(target, stage)
+        killed_during = status_after_kill == "running"
+        if killed_during:
+            break
+        delay /= 3
     leftovers = sorted(p.name for p in target.rglob(".*.tmp"))
     rerun = ctd(target, "--until", stage)
     _, err = rerun.communicate()
@@ -144,6 +151,7 @@ def drill(reference: Path, work: Path, stage: str, rng: random.Random, index: in
         "stage": stage,
         "kill": index,
         "kill_after_s": round(delay, 2),
+        "attempts": attempt,
         "stage_seconds": duration,
         "killed_during_stage": killed_during,
         "status_after_kill": status_after_kill,

@@ -28,4 +28,4 @@ def test_kill_at_a_random_point_of_each_stage_then_rerun_equals_the_uninterrupte
         if row["killed_during_stage"]:
             assert row["status_after_kill"] == "running", row
     # Most kills must land inside their stage, or the drill tested nothing.
-    assert sum(r["killed_during_stage"] for r in rows) >= len(rows) - 2
+    assert sum(r["killed_during_stage"] for r in rows) >= len(rows) - 1
