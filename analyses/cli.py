@@ -123,11 +123,30 @@ def _cmd_characterize(args) -> int:
     return 0
 
 
+def _as_stage(run: str, name: str, settings: dict, outputs: list[str], produce):
+    """Run ``produce(manifest)`` as stage ``name`` of the run: recorded (settings, timing, output
+    hashes) exactly as ``ctd run`` records it, so either command can pick up after the other."""
+    from analyses.io import Manifest
+
+    manifest = Manifest(run)
+    manifest.verify_complete()
+    with manifest.stage(name, config=settings, seed=settings.get("seed")) as record:
+        result = produce(manifest)
+        record["outputs"] = outputs
+    return result
+
+
 def _cmd_patch(args) -> int:
     from analyses.patch import patch_run
 
-    result = patch_run(args.run, n_docs=args.n_docs, n_random=args.n_random, seed=args.seed)
-    result.save(Path(args.run) / "patching.parquet")
+    settings = {"n_docs": args.n_docs, "n_random": args.n_random, "seed": args.seed}
+
+    def produce(manifest):
+        result = patch_run(args.run, n_docs=args.n_docs, n_random=args.n_random, seed=args.seed, manifest=manifest)
+        result.save(Path(args.run) / "patching.parquet")
+        return result
+
+    result = _as_stage(args.run, "patch", settings, ["patching.parquet"], produce)
     print(f"patching.parquet: {len(result.summary)} summary rows over {result.meta['n_traces']} traces")
     return 0
 
@@ -135,8 +154,14 @@ def _cmd_patch(args) -> int:
 def _cmd_isolate(args) -> int:
     from analyses.isolate import isolate_run
 
-    result = isolate_run(args.run, retriever_k=args.retriever_k, other_run=args.other_run, n_docs=args.n_docs, seed=args.seed)
-    result.save(Path(args.run) / "isolation.parquet")
+    settings = {"n_docs": args.n_docs, "seed": args.seed, "retriever_k": args.retriever_k, "other_run": args.other_run}
+
+    def produce(manifest):
+        result = isolate_run(args.run, retriever_k=args.retriever_k, other_run=args.other_run, n_docs=args.n_docs, seed=args.seed, manifest=manifest)
+        result.save(Path(args.run) / "isolation.parquet")
+        return result
+
+    result = _as_stage(args.run, "isolate", settings, ["isolation.parquet"], produce)
     f1 = result.frame[result.frame["metric"] == "micro_f1"]
     print(f1[["condition", "value", "ci_low", "ci_high"]].to_string(index=False))
     print(f"complementarity: {result.verdict()}")
@@ -144,6 +169,8 @@ def _cmd_isolate(args) -> int:
 
 
 def _cmd_distill(args) -> int:
+    from dataclasses import asdict
+
     from analyses.distill import DistillConfig, distill_run
 
     config = DistillConfig.quick() if args.quick else DistillConfig()
@@ -151,8 +178,12 @@ def _cmd_distill(args) -> int:
         config.steps = args.steps
     if args.seeds is not None:
         config.seeds = tuple(range(args.seeds))
-    result = distill_run(args.run, config)
-    result.save(Path(args.run) / "distill.parquet")
+    def produce(manifest):
+        result = distill_run(args.run, config, manifest=manifest)
+        result.save(Path(args.run) / "distill.parquet")
+        return result
+
+    result = _as_stage(args.run, "distill", asdict(config), ["distill.parquet", "head_map.json", "students/"], produce)
     summary = result.frame[result.frame["seed"] >= 0].groupby(["condition", "metric"])["value"].mean().unstack()
     print(summary[["micro_f1", "p_at_1", "shortlist_recall", "las"]].to_string())
     paired = result.frame[result.frame["seed"] < 0]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from analyses.figures import PALETTE, themed
-from analyses.io import Manifest, read_parquet, write_json
+from analyses.io import Manifest, read_json, read_parquet, write_json, write_parquet
 from analyses.parsing import Region
 from analyses.results import FrameResult
 from probes.errors import CtdNumericalError, input_error
@@ -60,8 +60,10 @@ CONDITIONS: dict[str, dict[str, bool]] = {
 @dataclass
 class DistillConfig:
     n_train_docs: int = 400
-    n_eval_docs: int = 60
-    steps: int = 300
+    n_eval_docs: int = 40
+    # 24 students (8 conditions x 3 seeds) at 80 steps fit the 30-minute CPU budget of the default
+    # study (a mechanistic step costs ~0.6 s on 2 cores, a standard one ~0.17 s; BENCHMARKS.md).
+    steps: int = 80
     batch_size: int = 16
     lr: float = 2e-3
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -80,7 +82,7 @@ class DistillConfig:
     def for_run(cls) -> "DistillConfig":
         """What `ctd run` uses: the two methods and both phase ablations, 3 seeds, sized to fit the
         run's budget (the per-term ablations are in `ctd distill`'s default study)."""
-        return cls(steps=150, n_train_docs=300, n_eval_docs=40, conditions=("standard", "mechanistic", "no_phase1", "no_phase2"))
+        return cls(n_train_docs=300, conditions=("standard", "mechanistic", "no_phase1", "no_phase2"))
 
     @classmethod
     def quick(cls) -> "DistillConfig":
@@ -215,7 +217,7 @@ def _collate(batch: list[_Example], pad: int):
 
 
 def _forward_with_heads(model, ids, mask, layers: set[int]):
-    """HF forward returning logits, attentions and per-layer z (input of o_proj), hidden states."""
+    """HF forward of the model body: final hidden state, attentions, per-layer z (input of o_proj)."""
     z: dict[int, torch.Tensor] = {}
     handles = []
     for layer in layers:
@@ -231,11 +233,24 @@ def _forward_with_heads(model, ids, mask, layers: set[int]):
 
     handles.append(model.model.norm.register_forward_pre_hook(norm_hook))
     try:
-        out = model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
+        # The body only: the LM head is applied where there are labels (``next_token_loss``).
+        out = model.model(input_ids=ids, attention_mask=mask, output_attentions=True, output_hidden_states=True)
     finally:
         for h in handles:
             h.remove()
     return out, z
+
+
+def next_token_loss(model, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions, with the LM head applied only there.
+
+    The same value as the Hugging Face causal-LM loss; the prompt's positions (most of a note)
+    never reach the vocabulary-sized product, which dominates a small student's step.
+    """
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = model.lm_head(hidden[:, :-1][keep])
+    return F.cross_entropy(logits.float(), targets[keep])
 
 
 def _head_write(model, z: torch.Tensor, layer: int, head: int) -> torch.Tensor:
@@ -250,7 +265,7 @@ def mechanistic_loss(student, teacher_attn: dict, batch: list[_Example], out, z:
     """λ1 (L_attn + L_write + L_int) over phase-1 pairs + λ2 (L_loop + L_write + L_int) over phase-2 pairs."""
     w_u = student.lm_head.weight  # [vocab, d_model]
     norm = student.model.norm
-    parts = {k: torch.zeros((), dtype=out.logits.dtype) for k in ("attn", "write1", "int1", "loop", "write2", "int2")}
+    parts = {k: torch.zeros((), dtype=out.last_hidden_state.dtype) for k in ("attn", "write1", "int1", "loop", "write2", "int2")}
     for b, e in enumerate(batch):
         n = len(e.ids)
         early = torch.arange(e.cot_start, min(e.tau, e.cot_end))
@@ -315,8 +330,8 @@ def _similarity_map(teacher, student, warm: list[_Example], pad: int, heads: lis
     """similarity[i, h]: minus the mean KL between teacher head i and student head h (of i's depth-matched layer) over CoT queries."""
     ids, mask, _ = _collate(warm, pad)
     with torch.no_grad():
-        t_out = teacher(input_ids=ids, attention_mask=mask, output_attentions=True)
-        s_out = student(input_ids=ids, attention_mask=mask, output_attentions=True)
+        t_out = teacher.model(input_ids=ids, attention_mask=mask, output_attentions=True)
+        s_out = student.model(input_ids=ids, attention_mask=mask, output_attentions=True)
     sim = np.zeros((len(heads), cfg.n_heads))
     for i, (tl, th) in enumerate(heads):
         sl = min(cfg.n_layers - 1, int(tl * cfg.n_layers / t_layers))
@@ -355,15 +370,16 @@ def train_student(condition: str, seed: int, examples: list[_Example], teacher, 
         student.train()
         if mech:
             out, z = _forward_with_heads(student, ids, mask, needed_layers)
-            ce = F.cross_entropy(out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
-            with torch.no_grad():
-                t_out = teacher(input_ids=ids, attention_mask=mask, output_attentions=True)
+            ce = next_token_loss(student, out.last_hidden_state, labels)
+            with torch.no_grad():  # only the teacher's attention is needed: its body, no LM head
+                t_out = teacher.model(input_ids=ids, attention_mask=mask, output_attentions=True)
             teacher_attn = {(tl, th): t_out.attentions[tl][:, th] for (tl, th) in list(map1) + list(map2)}
             extra, parts = mechanistic_loss(student, teacher_attn, batch, out, z, map1, map2, terms, cfg.lambda1, cfg.lambda2)
             loss = ce + extra
         else:
-            out = student(input_ids=ids, attention_mask=mask, labels=labels)
-            ce, parts, loss = out.loss, {}, out.loss
+            hidden = student.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            ce = next_token_loss(student, hidden, labels)
+            parts, loss = {}, ce
         if not torch.isfinite(loss):
             raise CtdNumericalError(f"distill {condition} seed {seed}: loss is {float(loss)} at step {step}")
         optimizer.zero_grad(set_to_none=True)
@@ -441,7 +457,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
         teacher_traces = pd.read_parquet(cache)
     else:
         teacher_traces = generate_traces(model_path, train_docs, labels, template_name=template, config=GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=32), progress=progress, tokenizer=tokenizer, hf_model=teacher)
-        teacher_traces.to_parquet(cache, index=False)
+        write_parquet(teacher_traces, cache)  # atomic: a kill never leaves a half-written cache
     teacher_traces = teacher_traces[teacher_traces["well_formed"]].reset_index(drop=True)
     if teacher_traces.empty:
         raise input_error(cache, "the teacher wrote no well-formed trace on the training notes", "check the model and template (a think close and an answer are needed), then delete this file and rerun")
@@ -462,9 +478,16 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
     started = time.perf_counter()
     for seed in cfg.seeds:
         for condition in cfg.conditions:
+            folder = students_dir / f"{condition}-seed{seed}"
+            done = _finished_student(folder, cfg)
+            if done is not None:  # a rerun after an interruption keeps every finished student
+                maps[f"{condition}/seed{seed}"] = done["head_map"]
+                if seed == cfg.seeds[0] and done.get("curve"):
+                    curves[condition] = done["curve"]
+                rows += [{"condition": condition, "seed": seed, "metric": k, "value": v} for k, v in done["metrics"].items()]
+                continue
             student, curve, head_map = train_student(condition, seed, examples, teacher, tokenizer, cfg, phase1, phase2, progress)
             maps[f"{condition}/seed{seed}"] = head_map
-            folder = students_dir / f"{condition}-seed{seed}"
             student.save_pretrained(folder)
             tokenizer.save_pretrained(folder / "tokenizer")
             curve.to_parquet(folder / "loss_curve.parquet", index=False)
@@ -481,7 +504,9 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
                 curves[condition] = {"t": sorted(mean["t"].unique().tolist()), **{k: mean[mean["metric"] == k].sort_values("t")["value"].tolist() for k in ("focus", "confusion")}}
             metrics = {"micro_f1": m["micro_f1"], "example_f1": m["example_f1"], "p_at_1": float(np.mean(p1)), "shortlist_recall": float(np.mean(recall)), "well_formed": float(traces["well_formed"].mean()), "las": las, "final_loss": float(curve["loss"].tail(10).mean()), **dist}
             rows += [{"condition": condition, "seed": seed, "metric": k, "value": v} for k, v in metrics.items()]
-            (folder / "predictions.json").write_text(json.dumps([sorted(a) for a in answers]))
+            write_json([sorted(a) for a in answers], folder / "predictions.json")
+            # Written last: its presence (with this config) marks the student as finished.
+            write_json({"config": json.loads(json.dumps(asdict(cfg))), "head_map": head_map, "metrics": metrics, "curve": curves.get(condition) if seed == cfg.seeds[0] else None}, folder / "student.json")
     frame = pd.DataFrame(rows)
     frame["ci_low"] = np.nan
     frame["ci_high"] = np.nan
@@ -498,6 +523,15 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
         "curves": curves,
     }
     return DistillResult(frame, meta)
+
+
+def _finished_student(folder: Path, cfg: DistillConfig) -> dict | None:
+    """The record of a student finished under this config, or None (absent, partial or other settings)."""
+    marker = folder / "student.json"
+    if not marker.is_file() or not (folder / "predictions.json").is_file():
+        return None
+    record = read_json(marker)
+    return record if record.get("config") == json.loads(json.dumps(asdict(cfg))) else None
 
 
 def _paired_rows(students_dir: Path, cfg: DistillConfig, gold: list[set], n_boot: int = 1000) -> pd.DataFrame:

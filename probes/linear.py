@@ -148,12 +148,21 @@ def _newton(X: Tensor, Y: Tensor, M: Tensor, C: float, max_iter: int, tolerance:
             return theta[:, :d], theta[:, d], iteration - 1
         weights = C * M * p * (1 - p)
         if Xa_low is not None:  # explicit Hessians: compute-bound batched products, cache friendly
-            rows = Xa_low * weights.sqrt().to(curvature_dtype).unsqueeze(-1)
+            root_weights = weights.sqrt()
+            rows = Xa_low * root_weights.to(curvature_dtype).unsqueeze(-1)
             hessian = torch.bmm(rows.transpose(1, 2), rows).to(X.dtype) + torch.diag_embed(penalty.expand(G, -1))
             with _single_thread():
                 factor, info = torch.linalg.cholesky_ex(hessian)
-                if bool((info != 0).any()):
-                    factor = torch.linalg.cholesky(hessian + 1e-4 * torch.eye(d + 1, dtype=X.dtype))
+                bad = info != 0
+                if bool(bad.any()):  # low-precision rounding broke definiteness: exact Hessians there
+                    exact_rows = Xa[bad] * root_weights[bad].unsqueeze(-1)
+                    exact = torch.bmm(exact_rows.transpose(1, 2), exact_rows) + torch.diag_embed(penalty.expand(int(bad.sum()), -1))
+                    repaired, info = torch.linalg.cholesky_ex(exact)
+                    if bool((info != 0).any()):
+                        repaired, info = torch.linalg.cholesky_ex(exact + 1e-6 * torch.eye(d + 1, dtype=X.dtype))
+                    if bool((info != 0).any()):
+                        raise CtdNumericalError("fit_probe_bank: a Hessian is not positive definite even in float32; check the features for duplicated or constant columns")
+                    factor[bad] = repaired
                 step = torch.cholesky_solve(grad.unsqueeze(-1), factor).squeeze(-1)
         else:  # wide residual streams: Hessian-free
             step = _conjugate_gradient(Xa, weights, penalty, grad)

@@ -85,3 +85,23 @@ def test_twenty_steps_lower_the_loss(setup, tiny_tokenizer, condition):
     assert curve["loss"].tail(4).mean() < curve["loss"].head(4).mean()
     again = train_student(condition, 0, examples, teacher, tiny_tokenizer, DistillConfig(steps=1, batch_size=8), [(0, 1)], [(1, 0)])[2]
     assert again == maps  # the head map depends on the seed only
+
+
+def test_a_diverging_loss_stops_training_with_its_location(setup, tiny_tokenizer):
+    from probes.errors import CtdNumericalError
+
+    teacher, examples = setup
+    cfg = DistillConfig(steps=5, batch_size=4, lr=float("inf"))  # the first update makes the weights non-finite
+    with pytest.raises(CtdNumericalError, match=r"distill standard seed 0: loss is nan at step 1"):
+        train_student("standard", 0, examples, teacher, tiny_tokenizer, cfg, [(0, 1)], [(1, 0)])
+
+
+def test_next_token_loss_equals_the_hugging_face_loss(setup, tiny_tokenizer):
+    from analyses.distill import next_token_loss
+
+    teacher, examples = setup
+    ids, mask, labels = _collate(examples[:4], tiny_tokenizer.pad_token_id)
+    with torch.no_grad():
+        reference = teacher(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ours = next_token_loss(teacher, teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state, labels)
+    assert ours.item() == pytest.approx(reference.item(), rel=1e-5)

@@ -40,6 +40,23 @@ def test_rerun_reuses_finished_stages(quick_run, capsys):
         assert f"[{stage}] complete" in err
 
 
+def test_stage_commands_record_themselves_like_ctd_run(quick_run, tmp_path, capsys):
+    import shutil
+
+    from analyses.cli import main
+
+    run = tmp_path / "copy"
+    shutil.copytree(quick_run, run)
+    assert main(["isolate", "--run", str(run), "--n-docs", "6"]) == 0
+    record = json.loads((run / "manifest.json").read_text())["stages"]["isolate"]
+    assert record["status"] == "complete" and record["config"]["n_docs"] == 6
+    assert set(record["sha256"]) == {"isolation.parquet"}
+    capsys.readouterr()
+    # `ctd run` sees the stage was made with other settings and says so instead of mixing them.
+    assert main(["run", "--quick", "--out", str(run), "--until", "isolate"]) == 2
+    assert "stage 'isolate' was run here with other settings" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebooks_execute(notebook, quick_run, monkeypatch):
     import nbformat

@@ -50,3 +50,31 @@ def test_shuffled_labels_control_sits_at_chance():
     assert np.mean([r["accuracy"] for r in real]) > 0.85
     chance = np.mean([max(p.labels[m].mean(), 1 - p.labels[m].mean()) for p, m in zip(problems, test_masks)])
     assert np.mean([c["accuracy"] for c in ctrl]) < chance + 0.1
+
+
+def test_non_finite_features_are_refused_with_the_group():
+    from probes.errors import CtdNumericalError
+    from probes.linear import ProbeProblem
+
+    features = np.ones((4, 3), np.float32)
+    features[2, 1] = np.inf
+    with pytest.raises(CtdNumericalError, match=r"probe group \('phase', 2, 0\): features contain NaN or inf"):
+        ProbeProblem(("phase", 2, 0), features, np.array([0, 1, 0, 1]), np.array(["a", "a", "b", "b"]))
+
+
+def test_more_features_than_rows_still_solves_and_matches_scikit_learn():
+    # Low-precision Hessians of rank-deficient groups can lose definiteness; the solve must recover.
+    rng = np.random.default_rng(3)
+    problems, masks = [], []
+    for g in range(6):
+        n, d = 40, 120
+        x = rng.normal(size=(n, d)).astype(np.float32) * rng.uniform(0.1, 50, size=d).astype(np.float32)
+        y = (x[:, 0] + x[:, 1] > 0).astype(int)
+        problems.append(ProbeProblem(("p", g, 0), x, y, np.repeat(np.arange(n // 2), 2).astype(str)))
+        masks.append(np.ones(n, bool))
+    bank = fit_probe_bank(problems, masks)
+    reference = fit_sklearn(problems, masks)
+    for g, p in enumerate(problems):
+        ours = (bank.decision(g, p.features) > 0).astype(int)
+        theirs = (reference.decision(g, p.features) > 0).astype(int)
+        assert (ours == theirs).mean() >= 0.99
