@@ -3,7 +3,7 @@
 Usage: python bench/capture.py [--model PATH] [--n-traces 64] [--batch-size 8] [--out results/bench-capture]
 
 Each method runs in a fresh subprocess over the same traces (teacher-forced prompt + output), so
-peak RSS is its own:
+peak RSS is its own, and is timed after a one-batch warm-up:
 - capture:        probes.capture (resid_post of every layer + in-hook attention reductions of every layer)
 - forward:        plain HF forward pass over the same batches, no hooks (the floor)
 - per_step:       per-step hooks during generation: the trace fed one token at a time with the KV
@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,6 +31,20 @@ sys.path.insert(0, str(ROOT))
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@lru_cache(maxsize=None)
+def _bridge(model_path: str):
+    from probes.models import load_model
+
+    return load_model(model_path)
+
+
+@lru_cache(maxsize=None)
+def _hf(model_path: str):
+    from probes.models import load_hf_model
+
+    return load_hf_model(model_path, attn_implementation="eager")
 
 
 def _load(run: Path, n: int):
@@ -42,11 +57,10 @@ def _load(run: Path, n: int):
 def method_capture(run: Path, n: int, batch_size: int, model_path: str) -> dict:
     from analyses.capture_stage import capture_requests
     from probes.capture import CaptureConfig, capture
-    from probes.models import load_model
     from probes.points import resolve_points
 
     traces = _load(run, n)
-    bridge = load_model(model_path)
+    bridge = _bridge(model_path)
     requests = capture_requests(traces)
     work = Path(run) / f"bench-store-{n}"
     shutil.rmtree(work, ignore_errors=True)
@@ -62,10 +76,10 @@ def method_forward(run: Path, n: int, batch_size: int, model_path: str) -> dict:
     import torch
 
     from probes.capture import pad_batch
-    from probes.models import load_hf_model, load_tokenizer
+    from probes.models import load_tokenizer
 
     traces = _load(run, n)
-    model = load_hf_model(model_path, attn_implementation="eager")
+    model = _hf(model_path)
     pad = load_tokenizer(model_path).pad_token_id
     seqs = [list(p) + list(o) for p, o in zip(traces["prompt_ids"], traces["output_ids"])]
     t0 = time.perf_counter()
@@ -81,10 +95,10 @@ def method_per_step(run: Path, n: int, batch_size: int, model_path: str) -> dict
     import torch
 
     from probes.capture import pad_batch
-    from probes.models import load_hf_model, load_tokenizer
+    from probes.models import load_tokenizer
 
     traces = _load(run, n)
-    model = load_hf_model(model_path, attn_implementation="eager")
+    model = _hf(model_path)
     pad = load_tokenizer(model_path).pad_token_id
     kept = []
     t0 = time.perf_counter()
@@ -116,10 +130,9 @@ def method_run_with_cache(run: Path, n: int, batch_size: int, model_path: str) -
     import torch
 
     from probes.capture import pad_batch
-    from probes.models import load_model
 
     traces = _load(run, n)
-    bridge = load_model(model_path)
+    bridge = _bridge(model_path)
     pad = bridge.tokenizer.pad_token_id
     seqs = [list(p) + list(o) for p, o in zip(traces["prompt_ids"], traces["output_ids"])]
     t0 = time.perf_counter()
@@ -138,6 +151,9 @@ def child(args) -> None:
     import torch
 
     torch.set_num_threads(int(os.environ.get("CTD_BENCH_THREADS", "2")))
+    # Warm-up on one batch of the same loaded model first (one-time costs: kernel selection, hook
+    # set-up, first allocations), so every method is timed warm, as a long capture runs.
+    METHODS[args.method](Path(args.out), args.batch_size, args.batch_size, args.model)
     result = METHODS[args.method](Path(args.out), args.n_traces, args.batch_size, args.model)
     result["peak_rss_mb"] = _peak_rss_mb()
     print("RESULT " + json.dumps(result))

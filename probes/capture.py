@@ -299,16 +299,19 @@ def capture(
                 fwd_hooks=hooks,
                 return_type=None,
             )
+        for name, value in gathered.items():  # one check per point; locate only on failure
+            if not bool(torch.isfinite(value).all()):
+                for i, r in enumerate(batch):
+                    finite = torch.isfinite(value[i, : len(r.positions)].float()).reshape(len(r.positions), -1).all(-1)
+                    if not bool(finite.all()):
+                        bad = int((~finite).nonzero()[0, 0])
+                        raise CtdNumericalError(f"capture: non-finite values in {name} for {r.doc_id!r} at position {int(r.positions[bad])}; check the model's dtype and weights")
         tensors: dict[str, Tensor] = {}
         for i, r in enumerate(batch):
             n = len(r.positions)
             tensors[f"{r.doc_id}{SEP}positions"] = torch.as_tensor(r.positions, dtype=torch.int64)
             for name, value in gathered.items():
-                rows = value[i, :n]
-                if not torch.isfinite(rows.float()).all():
-                    bad = int((~torch.isfinite(rows.float())).nonzero()[0, 0])
-                    raise CtdNumericalError(f"capture: non-finite values in {name} for {r.doc_id!r} at position {int(r.positions[bad])}; check the model's dtype and weights")
-                tensors[f"{r.doc_id}{SEP}{name}"] = rows.clone()
+                tensors[f"{r.doc_id}{SEP}{name}"] = value[i, :n]  # a contiguous slice: no copy
         writer.write(shard_id, tensors, [r.doc_id for r in batch])
         bar.update(len(batch))
     bar.close()

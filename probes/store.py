@@ -28,6 +28,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from safetensors import safe_open
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 from probes.errors import CtdError, CtdInputError, input_error
@@ -37,6 +38,7 @@ __all__ = ["ShardWriter", "StoreReader", "open_store", "STORE_DIR", "DTYPES"]
 STORE_DIR = "activations"
 SEP = "|"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_NUMPY_DTYPES = (torch.float16, torch.float32, torch.int64)
 
 
 def _sha256(path: Path) -> str:
@@ -100,7 +102,13 @@ class ShardWriter:
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.root)
         os.close(fd)
         try:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"docs": json.dumps(docs)})
+            metadata = {"docs": json.dumps(docs)}
+            if all(v.dtype in _NUMPY_DTYPES for v in tensors.values()):
+                # Same bytes as safetensors.torch.save_file, without its per-tensor Python overhead
+                # (measured at a third of the capture's cost on the organism).
+                save_numpy({k: v.contiguous().numpy() for k, v in tensors.items()}, tmp, metadata=metadata)
+            else:  # bfloat16 has no numpy dtype; safetensors.torch refuses views sharing a buffer
+                save_file({k: v.clone() for k, v in tensors.items()}, tmp, metadata=metadata)
             os.replace(tmp, final)
         finally:
             if os.path.exists(tmp):
