@@ -297,10 +297,11 @@ class Manifest:
             if file_sha256(path) != expected:
                 raise input_error(path, f"changed since stage {name!r} wrote it (sha256 differs from manifest.json)", "restore the file or rerun the stage into a new --out; results are never read from edited files")
 
-    def verify_complete(self) -> None:
-        """:meth:`verify` every finished stage (done before any stage reads earlier outputs)."""
+    def verify_complete(self, skip: Iterable[str] = ()) -> None:
+        """:meth:`verify` every finished stage (done before any stage reads earlier outputs);
+        ``skip`` names a stage about to be redone, whose old outputs will be replaced."""
         for name, record in self.data["stages"].items():
-            if record.get("status") == "complete":
+            if record.get("status") == "complete" and name not in skip:
                 self.verify(name)
     def model_path(self) -> str:
         """The model folder recorded by the traces stage (every later stage reads the same model)."""

@@ -167,6 +167,16 @@ def drill(reference: Path, work: Path, stage: str, rng: random.Random, index: in
     return row
 
 
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| stage | kill | killed after (s) / stage took (s) | inside the stage | status after kill | rerun | outputs vs uninterrupted run |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['stage']} | {r['kill'] + 1} | {r['kill_after_s']} / {r['stage_seconds']:.1f} | {'yes' if r['killed_during_stage'] else 'no (finished first)'} "
+            f"| {r['status_after_kill']} | exit {r['rerun_exit']} | {'equal' if r['ok'] else 'DIFFERENT'}: {'; '.join(r['notes'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reference", type=Path, help="a finished `ctd run --quick` directory (default: make one)")
@@ -175,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--markdown", type=Path, help="also write a markdown table of the rows here (RELIABILITY.md)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     reference = args.reference
@@ -199,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[drill] {len(rows)} kills, {len(rows) - len(failed)} reruns equal to the reference, {len(failed)} not; {len(missed)} kill(s) landed after the stage had finished", file=sys.stderr)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
+    if args.markdown:
+        args.markdown.write_text(markdown_table(rows))
     return 1 if failed else 0
 
 
