@@ -510,7 +510,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
     frame = pd.DataFrame(rows)
     frame["ci_low"] = np.nan
     frame["ci_high"] = np.nan
-    frame = pd.concat([frame, _paired_rows(students_dir, cfg, gold)], ignore_index=True)
+    frame = pd.concat([frame, _paired_rows(students_dir, cfg, gold), _paired_seed_rows(frame, cfg)], ignore_index=True)
     write_json({"maps": maps, "phase1_teacher_heads": [f"L{l}H{h}" for l, h in phase1], "phase2_teacher_heads": [f"L{l}H{h}" for l, h in phase2]}, run_dir / "head_map.json")
     meta = {
         "config": asdict(cfg),
@@ -532,6 +532,32 @@ def _finished_student(folder: Path, cfg: DistillConfig) -> dict | None:
         return None
     record = read_json(marker)
     return record if record.get("config") == json.loads(json.dumps(asdict(cfg))) else None
+
+
+PAIRED_PER_STUDENT = ("focus_curve_l1", "confusion_curve_l1", "well_formed", "shortlist_recall")
+
+
+def _paired_seed_rows(frame: pd.DataFrame, cfg: DistillConfig, n_boot: int = 1000) -> pd.DataFrame:
+    """Summary rows for per-student metrics: condition minus standard, paired by seed, CI by
+    resampling seeds (coarse with 3 seeds; the metric is one number per student)."""
+    rows = []
+    if "standard" not in cfg.conditions:
+        return pd.DataFrame(rows)
+    per_seed = frame[frame["seed"] >= 0].pivot_table(index=["condition", "seed"], columns="metric", values="value")
+    rng = np.random.default_rng(0)
+    seeds = list(cfg.seeds)
+    for condition in cfg.conditions:
+        if condition == "standard":
+            continue
+        for metric in PAIRED_PER_STUDENT:
+            if metric not in per_seed.columns:
+                continue
+            diffs = np.array([per_seed.loc[(condition, s), metric] - per_seed.loc[("standard", s), metric] for s in seeds], dtype=float)
+            if not np.isfinite(diffs).all():
+                continue
+            draws = [diffs[rng.integers(0, len(diffs), len(diffs))].mean() for _ in range(n_boot)]
+            rows.append({"condition": condition, "seed": -1, "metric": f"{metric}_minus_standard", "value": float(diffs.mean()), "ci_low": float(np.quantile(draws, 0.025)), "ci_high": float(np.quantile(draws, 0.975))})
+    return pd.DataFrame(rows)
 
 
 def _paired_rows(students_dir: Path, cfg: DistillConfig, gold: list[set], n_boot: int = 1000) -> pd.DataFrame:

@@ -188,6 +188,10 @@ class RunLock:
             with os.fdopen(fd, "w") as fh:
                 json.dump(me, fh)
             self._held = True
+            # Temporary files of a killed writer are never read (atomic renames); with the lock held
+            # no other ctd process writes here, so they can go.
+            for leftover in self.path.parent.rglob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
             return self
         raise input_error(self.path, "could not take the run lock", "delete the lock file if no ctd process is running")
 

@@ -80,14 +80,19 @@ _VOLATILE_HTML = [
 ]
 
 
-def same_content(a: Path, b: Path) -> tuple[bool, str]:
+_RUN_NAME_HTML = [re.compile(r"ctd report: [^<]*</title>"), re.compile(r"characterize-then-distill: [^<]*</h1>")]
+
+
+def same_content(a: Path, b: Path, run_a: Path, run_b: Path) -> tuple[bool, str]:
     if file_sha256(a) == file_sha256(b):
         return True, "identical bytes"
     if a.suffix == ".html":
         text_a, text_b = a.read_text(), b.read_text()
-        for pattern in _VOLATILE_HTML:
+        # The drill reruns in another directory: the report names its run (title, manifest path).
+        text_a, text_b = text_a.replace(str(run_a), "<run>"), text_b.replace(str(run_b), "<run>")
+        for pattern in _VOLATILE_HTML + _RUN_NAME_HTML:
             text_a, text_b = pattern.sub("*", text_a), pattern.sub("*", text_b)
-        return (text_a == text_b), "equal once ids and timings are masked" if text_a == text_b else "HTML differs"
+        return (text_a == text_b), "equal once ids, timings and the run's path are masked" if text_a == text_b else "HTML differs"
     if a.suffix == ".parquet":
         import pandas as pd
 
@@ -113,7 +118,7 @@ def compare(reference: Path, rerun: Path, stage: str) -> tuple[bool, list[str]]:
         notes.append(f"file sets differ: only reference {sorted(ref_files - new_files)[:3]}, only rerun {sorted(new_files - ref_files)[:3]}")
     kinds = {}
     for rel in sorted(ref_files & new_files):
-        same, how = same_content(reference / rel, rerun / rel)
+        same, how = same_content(reference / rel, rerun / rel, reference, rerun)
         ok &= same
         kinds.setdefault(how, 0)
         kinds[how] += 1
@@ -156,6 +161,7 @@ def drill(reference: Path, work: Path, stage: str, rng: random.Random, index: in
         "killed_during_stage": killed_during,
         "status_after_kill": status_after_kill,
         "temp_files_left_by_kill": len(leftovers),
+        "temp_files_after_rerun": len(list(target.rglob(".*.tmp"))),
         "rerun_exit": rerun.returncode,
     }
     if rerun.returncode != 0:
@@ -163,16 +169,17 @@ def drill(reference: Path, work: Path, stage: str, rng: random.Random, index: in
         return row
     same, notes = compare(reference, target, stage)
     row.update(ok=bool(same), notes=notes)
-    shutil.rmtree(target)
+    if same:  # a differing copy is kept for inspection
+        shutil.rmtree(target)
     return row
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| stage | kill | killed after (s) / stage took (s) | inside the stage | status after kill | rerun | outputs vs uninterrupted run |", "|---|---|---|---|---|---|---|"]
+    lines = ["| stage | kill | killed after (s) / stage took (s) | inside the stage | status after kill | temp files left / after rerun | rerun | outputs vs uninterrupted run |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['stage']} | {r['kill'] + 1} | {r['kill_after_s']} / {r['stage_seconds']:.1f} | {'yes' if r['killed_during_stage'] else 'no (finished first)'} "
-            f"| {r['status_after_kill']} | exit {r['rerun_exit']} | {'equal' if r['ok'] else 'DIFFERENT'}: {'; '.join(r['notes'])} |"
+            f"| {r['status_after_kill']} | {r['temp_files_left_by_kill']} / {r.get('temp_files_after_rerun', 0)} | exit {r['rerun_exit']} | {'equal' if r['ok'] else 'DIFFERENT'}: {'; '.join(r['notes'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,16 @@ def test_quick_run_writes_every_stage_and_a_report(quick_run):
     assert 'src="https://cdn.plot.ly' not in report and "Plotly.newPlot" in report  # plotly.js embedded: opens offline
 
 
+def test_distillation_reports_paired_differences_with_cis(quick_run):
+    import pandas as pd
+
+    frame = pd.read_parquet(quick_run / "distill.parquet")
+    paired = frame[(frame["seed"] < 0) & (frame["condition"] == "mechanistic")].set_index("metric")
+    for metric in ("micro_f1_minus_standard", "focus_curve_l1_minus_standard", "well_formed_minus_standard"):
+        row = paired.loc[metric]
+        assert row["ci_low"] <= row["value"] <= row["ci_high"], metric
+
+
 def test_rerun_reuses_finished_stages(quick_run, capsys):
     from analyses.cli import main
 
