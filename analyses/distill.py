@@ -436,8 +436,9 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
 
     cfg = config or DistillConfig()
     run_dir = Path(run_dir)
-    manifest = manifest or Manifest(run_dir)
-    manifest.verify_complete()
+    if manifest is None:  # called on its own (not by `ctd run`, which checked at its start)
+        manifest = Manifest(run_dir)
+        manifest.verify_complete()
     model_path = manifest.model_path()
     dataset = Dataset.load(run_dir)
     labels = dataset.labels
@@ -506,7 +507,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
             rows += [{"condition": condition, "seed": seed, "metric": k, "value": v} for k, v in metrics.items()]
             write_json([sorted(a) for a in answers], folder / "predictions.json")
             # Written last: its presence (with this config) marks the student as finished.
-            write_json({"config": json.loads(json.dumps(asdict(cfg))), "head_map": head_map, "metrics": metrics, "curve": curves.get(condition) if seed == cfg.seeds[0] else None}, folder / "student.json")
+            write_json({"config": asdict(cfg), "head_map": head_map, "metrics": metrics, "curve": curves.get(condition) if seed == cfg.seeds[0] else None}, folder / "student.json")
     frame = pd.DataFrame(rows)
     frame["ci_low"] = np.nan
     frame["ci_high"] = np.nan
@@ -531,6 +532,7 @@ def _finished_student(folder: Path, cfg: DistillConfig) -> dict | None:
     if not marker.is_file() or not (folder / "predictions.json").is_file():
         return None
     record = read_json(marker)
+    # JSON turns the config's tuples into lists: compare in that form
     return record if record.get("config") == json.loads(json.dumps(asdict(cfg))) else None
 
 

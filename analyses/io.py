@@ -6,7 +6,6 @@ stage never leaves a half-written file under a final name, and never clobbers wh
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from probes.errors import CtdInputError, input_error
+from probes.store import file_sha256
 
 __all__ = [
     "RunLock",
@@ -211,14 +211,6 @@ def check_run_name(out: str | Path, root: str | Path = "results") -> Path:
     if resolved != base and base not in resolved.parents:
         raise input_error(out, "run directory escapes results/", "name the run results/NAME (or pass an absolute path)")
     return out
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # Activation shards carry their own checksums (activations/shards.json, verified by the store on

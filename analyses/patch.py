@@ -102,8 +102,9 @@ def patch_run(
     from probes.models import load_model
 
     run_dir = Path(run_dir)
-    manifest = manifest or Manifest(run_dir)
-    manifest.verify_complete()
+    if manifest is None:  # called on its own (not by `ctd run`, which checked at its start)
+        manifest = Manifest(run_dir)
+        manifest.verify_complete()
     model_path = manifest.model_path()
     scores = read_parquet(run_dir / "head_scores.parquet", required=("layer", "head", "score", "rank"))
     boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))

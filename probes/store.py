@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 
 from probes.errors import CtdError, CtdInputError, input_error
 
-__all__ = ["ShardWriter", "StoreReader", "open_store", "STORE_DIR", "DTYPES"]
+__all__ = ["ShardWriter", "StoreReader", "open_store", "file_sha256", "STORE_DIR", "DTYPES"]
 
 STORE_DIR = "activations"
 SEP = "|"
@@ -41,7 +41,8 @@ DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.int64)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -116,7 +117,7 @@ class ShardWriter:
         names = sorted({k.split(SEP, 1)[1] for k in tensors})
         self._state["shards"][str(shard_id)] = {
             "file": name,
-            "sha256": _sha256(final),
+            "sha256": file_sha256(final),
             "bytes": final.stat().st_size,
             "docs": docs,
             "names": names,
@@ -189,7 +190,7 @@ class StoreReader:
         if shard_id not in self._verified:
             if not path.is_file():
                 raise input_error(path, "shard file missing", "rerun `ctd capture` to rewrite it")
-            if _sha256(path) != entry["sha256"]:
+            if file_sha256(path) != entry["sha256"]:
                 raise CtdError(f"{path}: checksum mismatch (the shard is corrupted); delete it and rerun `ctd capture`")
             self._verified.add(shard_id)
         return path

@@ -182,12 +182,20 @@ def test_other_settings_are_refused_and_corruption_detected(tiny_run, bridge, tm
     capture_run(run, points=["resid_post@0"], model=bridge, progress=False)
     with pytest.raises(CtdInputError, match="other settings"):
         capture_run(run, points=["resid_post@1"], model=bridge, progress=False)
+    _assert_damaged_shard_is_refused(run, _flip_a_byte)
+
+
+def _flip_a_byte(data: bytes) -> bytes:
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF
+    return bytes(flipped)
+
+
+def _assert_damaged_shard_is_refused(run, damage):
     shard = run / "activations" / "shard-00000.safetensors"
-    data = bytearray(shard.read_bytes())
-    data[-3] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    shard.write_bytes(damage(shard.read_bytes()))
     store = open_store(run)
-    with pytest.raises(Exception, match="checksum mismatch"):
+    with pytest.raises(Exception, match="shard-00000.safetensors: checksum mismatch"):
         store.read(store.doc_ids[0], "blocks.0.hook_resid_post")
 
 
@@ -195,11 +203,7 @@ def test_truncated_shard_is_named_and_never_read(tiny_run, bridge, tmp_path):
     src, _ = tiny_run
     run = _copy_run(src, tmp_path / "t")
     capture_run(run, points=["resid_post@0"], model=bridge, progress=False)
-    shard = run / "activations" / "shard-00000.safetensors"
-    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    store = open_store(run)
-    with pytest.raises(Exception, match="shard-00000.safetensors: checksum mismatch"):
-        store.read(store.doc_ids[0], "blocks.0.hook_resid_post")
+    _assert_damaged_shard_is_refused(run, lambda data: data[: len(data) // 2])
 
 
 def test_non_finite_activations_stop_the_capture_with_their_location(tiny_run, bridge, tmp_path):
