@@ -66,8 +66,15 @@ def _near_miss_evidence(labels: LabelSpace, near: int, gold_phrase: str) -> str:
     return " ".join(dict.fromkeys(words[:2])) if words else "less specific"
 
 
-def teacher_trace(row, labels: LabelSpace, rng: np.random.Generator, max_candidates: int = 8) -> str:
-    """The trace (text after the prompt's ``<think>\\n``) for one generated note ``row``."""
+def teacher_trace(row, labels: LabelSpace, max_candidates: int = 8) -> str:
+    """The trace (text after the prompt's ``<think>\\n``) for one generated note ``row``.
+
+    Candidates are chosen as gold codes, then distractors, then each gold code's closest sibling
+    (up to ``max_candidates``), and listed in the order their findings appear in the note; a gold
+    code and its sibling are listed in code order. The order is a function of the note alone, so
+    the organism can learn it (a random order taught it to repeat one code), and it does not
+    reveal gold: position says which finding a code belongs to, not whether it is kept.
+    """
     gold = [int(g) for g in row["gold"]]
     evidence = {int(e["label_id"]): e for e in row["evidence"]}
     distractors = {int(d["label_id"]): d["kind"] for d in row["distractors"]}
@@ -81,15 +88,22 @@ def teacher_trace(row, labels: LabelSpace, rng: np.random.Generator, max_candida
         if d not in reasons and len(candidates) < max_candidates:
             candidates.append(d)
             reasons[d] = f"{_KIND_EVIDENCE[kind]} -> drop"
+    contrast_of: dict[int, int] = {}
     for g in gold:  # the closest near-miss of each gold code: the sibling it must be told apart from
         contrast = int(evidence[g]["contrast"])
         if contrast >= 0 and contrast not in reasons and len(candidates) < max_candidates:
             candidates.append(contrast)
+            contrast_of[g] = contrast
             reasons[contrast] = f"{_near_miss_evidence(labels, contrast, evidence[g]['phrase'])} not noted -> drop"
-    order = [candidates[i] for i in rng.permutation(len(candidates))]  # order must not reveal gold
+    findings = sorted([(int(a["start"]), int(a["label_id"])) for a in row["anchors"]] + [(int(d["start"]), int(d["label_id"])) for d in row["distractors"]])
+    order: list[int] = []
+    for _, label in findings:
+        group = sorted([label] + ([contrast_of[label]] if label in contrast_of else []), key=lambda c: labels.codes[c])
+        order += [c for c in group if c in reasons and c not in order]
+    order += [c for c in candidates if c not in order]  # a finding without a span (never in generated notes)
     lines = ["Candidates: " + ", ".join(labels.codes[c] for c in order) + "."]
     lines += [f"Check {labels.codes[c]}: {reasons[c]}." for c in order]
-    answer = ", ".join(sorted(labels.codes[g] for g in gold))
+    answer = ", ".join(labels.codes[c] for c in order if c in set(gold))
     return "\n".join(lines) + "\n</think>\n<answer>" + answer + "</answer>"
 
 
@@ -100,11 +114,13 @@ def boundary_char(trace_text: str) -> int | None:
 
 
 def dictionary_corpus(labels: LabelSpace, repeats: int = 3) -> pd.DataFrame:
-    """One-finding mini-notes per label text variant: the same format, a cheap way to learn the codes."""
+    """One-finding mini-notes per label text variant, traced by the teacher: a cheap way to learn
+    each code and the sibling it is told apart from."""
     from analyses.tasks.labels import text_variants as _variants
-    from analyses.tasks.notes import _lower_first
+    from analyses.tasks.notes import NoteGenerator, _lower_first
 
     template = get_template("organism")
+    generator = NoteGenerator(labels)
     variants = [_variants(labels.texts[i], labels.aliases[i]) for i in range(len(labels))]
     owners: dict[str, int] = {}
     for vs in variants:
@@ -112,24 +128,30 @@ def dictionary_corpus(labels: LabelSpace, repeats: int = 3) -> pd.DataFrame:
             owners[normalize_text(v)] = owners.get(normalize_text(v), 0) + 1
     prompts, traces = [], []
     for i in range(len(labels)):
+        contrast = generator.near_misses([i])[1].get(i)
         for phrase in (v for v in variants[i] if owners[normalize_text(v)] == 1):  # unambiguous only
-            prompt, _ = template.render(f"Presents with {_lower_first(phrase)}.")
-            words = " ".join(normalize_text(phrase).split()[:3])
-            trace = f"Candidates: {labels.codes[i]}.\nCheck {labels.codes[i]}: {words} -> keep.\n</think>\n<answer>{labels.codes[i]}</answer>"
+            phrase = _lower_first(phrase)
+            prompt, _ = template.render(f"Presents with {phrase}.")
+            row = {
+                "gold": [i],
+                "evidence": [{"label_id": i, "phrase": phrase, "contrast": -1 if contrast is None else contrast, "decisive": generator.decisive_words(i, contrast, phrase)}],
+                "anchors": [{"label_id": i, "start": len("Presents with "), "end": len("Presents with ") + len(phrase)}],
+                "distractors": [],
+            }
+            trace = teacher_trace(row, labels)
             prompts += [prompt] * repeats
             traces += [trace] * repeats
     return pd.DataFrame({"doc_id": None, "split": "train", "prompt": prompts, "trace": traces})
 
 
-def build_corpus(docs: pd.DataFrame, labels: LabelSpace, seed: int = 0) -> pd.DataFrame:
+def build_corpus(docs: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
     """Prompt text and teacher trace per note."""
     template = get_template("organism")
-    rng = np.random.default_rng(seed)
     prompts, traces = [], []
     for _, row in docs.iterrows():
         prompt, _ = template.render(row["text"])
         prompts.append(prompt)
-        traces.append(teacher_trace(row, labels, rng))
+        traces.append(teacher_trace(row, labels))
     return pd.DataFrame({"doc_id": docs["doc_id"], "split": docs["split"], "prompt": prompts, "trace": traces})
 
 
@@ -194,9 +216,12 @@ class OrganismConfig:
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100
-    max_steps: int = 3000
-    time_budget_s: float = 42 * 60
+    max_steps: int = 6000
+    time_budget_s: float = 50 * 60
     dictionary_repeats: int = 6
+    # bf16 matmuls under autocast (fp32 master weights): 1.65x the steps per second of fp32 on
+    # a 2-core AVX512-BF16 CPU, at no cost in loss we could measure.
+    bf16_autocast: bool = True
     seed: int = 0
     threads: int = 2
     quick: bool = False
@@ -295,7 +320,7 @@ def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), p
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     labels, docs = organism_notes(config)
-    corpus = build_corpus(docs, labels, seed=config.seed)
+    corpus = build_corpus(docs, labels)
     train_corpus = corpus[corpus["split"] == "train"]
     tokenizer = train_tokenizer(list(train_corpus["prompt"] + train_corpus["trace"]) + labels.texts, vocab_size=config.vocab_size, label_codes=labels.codes)
     examples = _encode_corpus(pd.concat([train_corpus, dictionary_corpus(labels, config.dictionary_repeats)]), tokenizer, config.max_positions)
@@ -339,7 +364,8 @@ def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), p
         lr = lr_at(step, time.perf_counter() - started)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        loss = model(input_ids=input_ids, attention_mask=mask, labels=target).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
+            loss = model(input_ids=input_ids, attention_mask=mask, labels=target).loss
         if not torch.isfinite(loss):
             raise CtdNumericalError(f"organism training: loss is {loss.item()} at step {step}; lower lr (now {lr:.2e})")
         optimizer.zero_grad(set_to_none=True)

@@ -112,7 +112,7 @@ def test_teacher_trace_parses_back(heart_labels, heart_notes):
     parser = TraceParser(heart_labels)
     rng = np.random.default_rng(0)
     for _, row in heart_notes.head(30).iterrows():
-        trace = teacher_trace(row, heart_labels, rng)
+        trace = teacher_trace(row, heart_labels)
         mentions = parser.find_mentions(trace, 0, trace.index("</think>"))
         shortlist = {m[0] for m in mentions}
         assert set(row["gold"]) <= shortlist
@@ -132,3 +132,25 @@ def test_injected_shortlist_round_trips_through_the_parser(heart_labels, tiny_to
     parsed = parser.parse(tiny_tokenizer, enc["input_ids"], tiny_tokenizer.encode(injected, add_special_tokens=False))
     assert [heart_labels.codes[i] for i in parsed.shortlist] == codes
     assert parsed.answer == [heart_labels.id_of("I50.22")] and parsed.well_formed
+
+
+def test_teacher_lists_candidates_in_note_order_without_revealing_gold(heart_labels, heart_notes):
+    """The shortlist follows the note (learnable), and a gold code's place beside its sibling
+    is set by code order, not by being gold (so the order does not give the answer away)."""
+    gold_first = pairs = 0
+    for _, row in heart_notes.iterrows():
+        trace = teacher_trace(row, heart_labels)
+        listed = trace[len("Candidates: ") : trace.index(".\n")].split(", ")
+        ids = [heart_labels.codes.index(c) for c in listed]
+        start = {int(s["label_id"]): int(s["start"]) for s in list(row["anchors"]) + list(row["distractors"])}
+        contrast = {int(e["contrast"]): int(e["label_id"]) for e in row["evidence"] if int(e["contrast"]) >= 0}
+        finding_of = [start.get(i, start.get(contrast.get(i, -1), -1)) for i in ids]
+        assert finding_of == sorted(finding_of), (row["text"], listed)
+        answer = trace[trace.index("<answer>") + 8 : trace.index("</answer>")].split(", ")
+        assert answer == [c for c in listed if heart_labels.codes.index(c) in set(map(int, row["gold"]))]
+        for g, c in ((int(e["label_id"]), int(e["contrast"])) for e in row["evidence"]):
+            if c >= 0 and heart_labels.codes[c] in listed and heart_labels.codes.index(heart_labels.codes[c]) not in start:
+                pairs += 1
+                gold_first += listed.index(heart_labels.codes[g]) < listed.index(heart_labels.codes[c])
+    assert pairs >= 30
+    assert 0.25 <= gold_first / pairs <= 0.75, (gold_first, pairs)
