@@ -430,7 +430,7 @@ def characterize_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0, pro
             sample.append(resid.float().numpy()[keep])
         pca = PCA(n_components=min(3, bridge.cfg.d_model), random_state=seed).fit(np.concatenate(sample))
         boundary = estimate_boundaries(traces, dynamics_rows=dyn_rows, grid=GRID, store=store, layers=list(range(n_layers)), pca=pca)
-        boundary.meta["internal_channels"] = "per layer: mean over heads of the attention mass to document tokens (no text markers, no truth)"
+        boundary.meta["internal_channels"] = "per layer: mean over heads of the attention mass to the document, to the model's own output (CoT and its mentions) and to the prompt scaffolding (no text markers, no truth)"
         results["boundary"] = boundary
         timings["boundary"] = time.perf_counter() - t0
         internal = boundary.frame[boundary.frame["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()

@@ -9,7 +9,7 @@ def test_internal_boundary_beats_the_fixed_half(organism_run):
     errors = results["boundary"].errors().set_index("estimator")
     internal = errors.loc["internal", "median_abs_error_frac"]
     fixed = errors.loc["fixed", "median_abs_error_frac"]
-    # The target: median error <= 5% of the CoT (4.65% on these 60 test traces, BENCHMARKS.md),
+    # The target: median error <= 5% of the CoT (BENCHMARKS.md has the value on these 60 test traces),
     # and far better than tau = 0.5.
     assert internal <= 0.05, errors
     assert internal < 0.5 * fixed, errors
