@@ -20,6 +20,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
+from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from probes.errors import CtdInputError, CtdNumericalError
 from probes.points import REDUCTIONS, point_of_hook
@@ -195,6 +196,12 @@ def _head_value_norms(v: Float[Tensor, "batch pos kv_head d_head"], w_o: Float[T
     return squared.clamp(min=0).sqrt()
 
 
+def _stop_forward(tensor, hook):
+    # Fires after every other hook of the last block read (hooks on one point run in the order
+    # they were added); the bridge's forward catches this exception as its own ``stop_at_layer``.
+    raise StopAtLayerException(tensor)
+
+
 def capture(
     bridge,
     requests: list[CaptureRequest],
@@ -232,6 +239,10 @@ def capture(
     pad_id = bridge.tokenizer.pad_token_id if bridge.tokenizer.pad_token_id is not None else 0
     batches = [requests[i : i + config.batch_size] for i in range(0, len(requests), config.batch_size)]
     device = bridge.cfg.device
+    # Nothing after the last block that a point reads is needed: the forward stops there (for
+    # the organism the unembedding alone is a fifth of the forward's cost).
+    layers_read = [point_of_hook(name)[1] for name in config.points] + list(config.attention_layers)
+    last_block = max(layers_read) if layers_read and None not in layers_read else None
     with torch.no_grad():
         grams = {layer: value_gram(bridge.blocks[layer].attn.W_O.detach()) for layer in config.attention_layers}
 
@@ -290,6 +301,8 @@ def capture(
                     gathered[REDUCTIONS[what][0].format(layer=layer)] = tensor.to("cpu", torch.float32)
 
             hooks += [(f"blocks.{layer}.attn.hook_v", v_hook), (f"blocks.{layer}.attn.hook_pattern", pattern_hook)]
+        if last_block is not None:
+            hooks.append((f"blocks.{last_block}.hook_resid_post", _stop_forward))
 
         with torch.no_grad():
             bridge.run_with_hooks(

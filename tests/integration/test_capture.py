@@ -223,3 +223,26 @@ def test_non_finite_activations_stop_the_capture_with_their_location(tiny_run, b
     finally:
         bridge.reset_hooks()
     assert not json.loads((run / "manifest.json").read_text())["stages"]["capture"]["status"] == "complete"
+
+
+def test_capture_stops_after_the_last_block_it_reads(tiny_run, bridge, tmp_path):
+    """Nothing after the last block read is computed (no unembedding), and the bridge is left
+    usable: the next ordinary forward returns logits equal to a fresh run."""
+    src, _ = tiny_run
+    calls = []
+    handle = bridge.unembed.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        run = _copy_run(src, tmp_path / "early")
+        capture_run(run, points=["resid_post"], dtype="float32", model=bridge, progress=False, batch_size=4)
+        assert calls == []
+        run = _copy_run(src, tmp_path / "middle")
+        capture_run(run, points=["blocks.0.hook_resid_post"], attention_layers=[0], dtype="float32", model=bridge, progress=False, batch_size=4)
+        assert calls == []
+        ids = torch.tensor([list(range(5, 25))])
+        logits = bridge(ids)
+        assert calls == [1]
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, bridge(ids))
+    stored = open_store(tmp_path / "middle")
+    assert stored.points == ["blocks.0.hook_resid_post"]
