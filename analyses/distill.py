@@ -381,7 +381,7 @@ def train_student(condition: str, seed: int, examples: list[_Example], teacher, 
             ce = next_token_loss(student, hidden, labels)
             parts, loss = {}, ce
         if not torch.isfinite(loss):
-            raise CtdNumericalError(f"distill {condition} seed {seed}: loss is {float(loss)} at step {step}")
+            raise CtdNumericalError(f"distill {condition} seed {seed}: loss is {loss.item()} at step {step}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
