@@ -74,7 +74,7 @@ def method_capture(run: Path, n: int, batch_size: int, model_path: str) -> dict:
     return {"seconds": seconds, "tokens": int(sum(len(r.token_ids) for r in requests))}
 
 
-def method_forward(run: Path, n: int, batch_size: int, model_path: str) -> dict:
+def _timed_forward(run: Path, n: int, batch_size: int, model_path: str, body_only: bool) -> dict:
     import torch
 
     from probes.capture import pad_batch
@@ -82,32 +82,23 @@ def method_forward(run: Path, n: int, batch_size: int, model_path: str) -> dict:
 
     traces = _load(run, n)
     model = _hf(model_path)
+    module = model.model if body_only else model  # the decoder stack and final norm, no LM head
     pad = load_tokenizer(model_path).pad_token_id
     seqs = [list(p) + list(o) for p, o in zip(traces["prompt_ids"], traces["output_ids"])]
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(seqs), batch_size):
             ids, mask, pos, _ = pad_batch(seqs[i : i + batch_size], pad)
-            model(input_ids=ids, attention_mask=mask, position_ids=pos)
+            module(input_ids=ids, attention_mask=mask, position_ids=pos)
     return {"seconds": time.perf_counter() - t0, "tokens": int(sum(map(len, seqs)))}
+
+
+def method_forward(run: Path, n: int, batch_size: int, model_path: str) -> dict:
+    return _timed_forward(run, n, batch_size, model_path, body_only=False)
 
 
 def method_forward_body(run: Path, n: int, batch_size: int, model_path: str) -> dict:
-    import torch
-
-    from probes.capture import pad_batch
-    from probes.models import load_tokenizer
-
-    traces = _load(run, n)
-    body = _hf(model_path).model  # the decoder stack and final norm, no LM head
-    pad = load_tokenizer(model_path).pad_token_id
-    seqs = [list(p) + list(o) for p, o in zip(traces["prompt_ids"], traces["output_ids"])]
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, len(seqs), batch_size):
-            ids, mask, pos, _ = pad_batch(seqs[i : i + batch_size], pad)
-            body(input_ids=ids, attention_mask=mask, position_ids=pos)
-    return {"seconds": time.perf_counter() - t0, "tokens": int(sum(map(len, seqs)))}
+    return _timed_forward(run, n, batch_size, model_path, body_only=True)
 
 
 def method_per_step(run: Path, n: int, batch_size: int, model_path: str) -> dict:
