@@ -70,9 +70,7 @@ def capture_run(
     from probes.models import load_model
 
     run_dir = Path(run_dir)
-    if manifest is None:  # called on its own (not by `ctd run`, which checked at its start)
-        manifest = Manifest(run_dir)
-        manifest.verify_complete()
+    manifest = Manifest.for_stage(run_dir, manifest)
     model_path = manifest.model_path()
     traces = read_parquet(run_dir / "traces.parquet", required=("doc_id", "prompt_ids", "output_ids", "regions", "cot_start", "cot_end"))
     bridge = model if model is not None else load_model(model_path)

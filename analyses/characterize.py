@@ -399,9 +399,7 @@ def characterize_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0, pro
     from probes.models import load_model
 
     run_dir = Path(run_dir)
-    if manifest is None:  # called on its own (not by `ctd run`, which checked at its start)
-        manifest = Manifest(run_dir)
-        manifest.verify_complete()
+    manifest = Manifest.for_stage(run_dir, manifest)
     model_path = manifest.model_path()
     dataset = Dataset.load(run_dir)
     traces = read_parquet(run_dir / "traces.parquet", required=("doc_id", "output_ids", "cot_start", "cot_end", "regions", "mentions"))

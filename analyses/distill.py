@@ -436,9 +436,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
 
     cfg = config or DistillConfig()
     run_dir = Path(run_dir)
-    if manifest is None:  # called on its own (not by `ctd run`, which checked at its start)
-        manifest = Manifest(run_dir)
-        manifest.verify_complete()
+    manifest = Manifest.for_stage(run_dir, manifest)
     model_path = manifest.model_path()
     dataset = Dataset.load(run_dir)
     labels = dataset.labels

@@ -256,6 +256,16 @@ class Manifest:
         self.data["git_commit"] = _git_commit()
         self.data["platform"] = platform.platform()
 
+    @classmethod
+    def for_stage(cls, run_dir: str | Path, manifest: "Manifest | None" = None) -> "Manifest":
+        """The manifest a stage records itself in: ``manifest`` when ``ctd run`` passes its own
+        (it verified every finished stage at its start), else the run's, verified now."""
+        if manifest is not None:
+            return manifest
+        manifest = cls(run_dir)
+        manifest.verify_complete()
+        return manifest
+
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
         self.save()

@@ -106,9 +106,7 @@ def isolate_run(
     from probes.models import load_hf_model, load_tokenizer
 
     run_dir = Path(run_dir)
-    if manifest is None:  # called on its own (not by `ctd run`, which checked at its start)
-        manifest = Manifest(run_dir)
-        manifest.verify_complete()
+    manifest = Manifest.for_stage(run_dir, manifest)
     model_path = manifest.model_path()
     traces = read_parquet(run_dir / "traces.parquet")
     boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))

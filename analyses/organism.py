@@ -103,7 +103,7 @@ def teacher_trace(row, labels: LabelSpace, max_candidates: int = 8) -> str:
     order += [c for c in candidates if c not in order]  # a finding without a span (never in generated notes)
     lines = ["Candidates: " + ", ".join(labels.codes[c] for c in order) + "."]
     lines += [f"Check {labels.codes[c]}: {reasons[c]}." for c in order]
-    answer = ", ".join(labels.codes[c] for c in order if c in set(gold))
+    answer = ", ".join(labels.codes[c] for c in order if c in gold)
     return "\n".join(lines) + "\n</think>\n<answer>" + answer + "</answer>"
 
 

@@ -102,9 +102,7 @@ def patch_run(
     from probes.models import load_model
 
     run_dir = Path(run_dir)
-    if manifest is None:  # called on its own (not by `ctd run`, which checked at its start)
-        manifest = Manifest(run_dir)
-        manifest.verify_complete()
+    manifest = Manifest.for_stage(run_dir, manifest)
     model_path = manifest.model_path()
     scores = read_parquet(run_dir / "head_scores.parquet", required=("layer", "head", "score", "rank"))
     boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))

@@ -209,9 +209,7 @@ def write_traces(
         docs = docs.head(n_docs)
     if docs.empty:
         raise input_error(run_dir, f"no documents in split {split!r}", "choose another --split or a dataset with that split")
-    if manifest is None:  # called on its own (not by `ctd run`, which checked at its start)
-        manifest = Manifest(run_dir)
-        manifest.verify_complete()
+    manifest = Manifest.for_stage(run_dir, manifest)
     if not (run_dir / "docs.parquet").exists():
         dataset.save(run_dir)
     stage_config = traces_stage_config(model_dir, split, n_docs, template_name, config)

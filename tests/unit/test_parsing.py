@@ -149,7 +149,7 @@ def test_teacher_lists_candidates_in_note_order_without_revealing_gold(heart_lab
         answer = trace[trace.index("<answer>") + 8 : trace.index("</answer>")].split(", ")
         assert answer == [c for c in listed if heart_labels.codes.index(c) in set(map(int, row["gold"]))]
         for g, c in ((int(e["label_id"]), int(e["contrast"])) for e in row["evidence"]):
-            if c >= 0 and heart_labels.codes[c] in listed and heart_labels.codes.index(heart_labels.codes[c]) not in start:
+            if c >= 0 and heart_labels.codes[c] in listed and c not in start:
                 pairs += 1
                 gold_first += listed.index(heart_labels.codes[g]) < listed.index(heart_labels.codes[c])
     assert pairs >= 30
