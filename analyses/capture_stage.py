@@ -66,13 +66,18 @@ def capture_run(
     model=None,
     manifest: Manifest | None = None,
 ) -> Path:
-    """Capture the run's traces with the run's model; resumable (finished shards are kept)."""
+    """Capture the run's traces (``traces.parquet`` and, when present, ``dev_traces.parquet``) with
+    the run's model into one store; resumable (finished shards are kept)."""
     from probes.models import load_model
 
     run_dir = Path(run_dir)
     manifest = Manifest.for_stage(run_dir, manifest)
     model_path = manifest.model_path()
-    traces = read_parquet(run_dir / "traces.parquet", required=("doc_id", "prompt_ids", "output_ids", "regions", "cot_start", "cot_end"))
+    columns = ("doc_id", "prompt_ids", "output_ids", "regions", "cot_start", "cot_end")
+    traces = read_parquet(run_dir / "traces.parquet", required=columns)
+    dev_path = run_dir / "dev_traces.parquet"
+    if dev_path.exists():  # dev traces share the store (their doc ids differ): tuning and dev head rankings read them
+        traces = pd.concat([traces, read_parquet(dev_path, required=columns)], ignore_index=True)
     bridge = model if model is not None else load_model(model_path)
     n_layers = bridge.cfg.n_layers
     hook_names = resolve_points(points, n_layers)

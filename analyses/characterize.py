@@ -7,6 +7,7 @@ files. Every choice the definitions leave open is written into each result's met
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import plotly.graph_objects as go
 import torch
 from plotly.subplots import make_subplots
 
-from analyses.boundary import Boundary, estimate_boundaries
+from analyses.boundary import Boundary, InternalSettings, estimate_boundaries, fit_constant_share, tune_internal
 from analyses.dynamics import GRID, Dynamics, compute_dynamics
 from analyses.figures import PALETTE, themed
 from analyses.io import Manifest, read_parquet
@@ -28,10 +29,11 @@ from analyses.tasks.sources import Dataset
 from probes.errors import input_error
 from probes.heads import anchor_direction, coarse_terms, distinguishing_tokens, margin_gradient, refine_terms
 from probes.lens import lens_scores, readout_of
-from probes.linear import ProbeProblem, evaluate_bank, fit_probe_bank, split_by_document
+from probes.linear import ProbeProblem, fit_probe_bank, split_by_document
+from probes.points import hook_name, reduction_name
 from probes.store import open_store
 
-__all__ = ["HeadScores", "Attribution", "ProbeResults", "LensResult", "characterize_run", "PROBE_TARGETS"]
+__all__ = ["HeadScores", "Attribution", "ProbeResults", "LensResult", "characterize_run", "tune_boundary_run", "compute_probes", "probe_examples", "token_identity_predict", "control_labels", "PROBE_TARGETS"]
 
 N_TIME_BINS = 10
 REGION_NAMES = {int(r): r.name.lower() for r in Region}
@@ -94,24 +96,57 @@ class Attribution(FrameResult):
 
 
 class ProbeResults(FrameResult):
-    """``target``, ``layer``, ``bucket``, ``metric``, ``value``, ``control_value``, ``ci_low``, ``ci_high``."""
+    """One row per (``target``, ``layer``, ``bucket``) cell: ``value`` (probe accuracy on test
+    documents) with ``ci_low``/``ci_high``, ``control_value`` (Hewitt & Liang control task),
+    ``majority``, ``token_baseline`` (current + previous token identity), ``minus_tokens`` (probe
+    minus token identity, with its CI), ``selectivity`` (probe minus control task) and ``status``
+    (``fitted``, or why the cell could not be fitted: such cells are kept, never dropped)."""
 
     REQUIRED = ("target", "layer", "bucket", "metric", "value", "control_value", "ci_low", "ci_high")
 
+    def beats_tokens(self) -> pd.DataFrame:
+        """Per target: fitted cells, and cells where the probe beats token identity (CI above 0)."""
+        f = self.frame
+        fitted = f[f.get("status", "fitted") == "fitted"]
+        out = fitted.groupby("target").agg(cells=("value", "size"), beats_tokens=("beats_tokens", "sum"), best_minus_tokens=("minus_tokens", "max"))
+        out["not_fitted"] = f[f.get("status", "fitted") != "fitted"].groupby("target").size().reindex(out.index).fillna(0).astype(int)
+        return out.reset_index()
+
     def figure(self, target: str | None = None) -> go.Figure:
+        """Per target: probe accuracy (cells annotated with the token-identity and control-task
+        accuracies) and probe minus token identity (annotated with its CI; * where the CI is above 0)."""
         f = self.frame[self.frame["metric"] == "accuracy"]
         targets = [target] if target else list(dict.fromkeys(f["target"]))
-        fig = make_subplots(rows=2, cols=len(targets), subplot_titles=[f"{t}: probe" for t in targets] + [f"{t}: shuffled-label control" for t in targets], vertical_spacing=0.18)
+        fig = make_subplots(rows=2, cols=len(targets), subplot_titles=[f"{t}: probe accuracy" for t in targets] + [f"{t}: probe − token identity" for t in targets], vertical_spacing=0.2, horizontal_spacing=0.06)
         for c, t in enumerate(targets, start=1):
-            g = f[f["target"] == t]
-            for r, column in ((1, "value"), (2, "control_value")):
-                table = g.pivot_table(index="layer", columns="bucket", values=column)
-                n_buckets = int(self.meta.get("n_buckets", 5))
-                names = [f"{b / n_buckets:.1f}–{(b + 1) / n_buckets:.1f}" for b in table.columns]
-                fig.add_trace(go.Heatmap(z=table.values, x=names, y=[f"L{l}" for l in table.index], zmin=0.5, zmax=1.0, colorscale="Viridis", coloraxis="coloraxis"), row=r, col=c)
-        fig = themed(fig, "Linear probe accuracy per layer and CoT position (test documents; controls: shuffled labels)", "normalised CoT position", "layer")
-        fig.update_xaxes(type="category")
-        fig.update_layout(coloraxis=dict(colorscale="Viridis", cmin=0.5, cmax=1.0, colorbar=dict(title="accuracy")), width=max(700, 330 * len(targets)), height=620)
+            g = f[f["target"] == t].sort_values(["layer", "bucket"])
+            layers = sorted(g["layer"].unique())
+            names = list(dict.fromkeys(g.sort_values("bucket")["bucket_name"])) if "bucket_name" in g else sorted(g["bucket"].unique())
+            acc = g.pivot_table(index="layer", columns="bucket", values="value", dropna=False).reindex(index=layers)
+            diff = g.pivot_table(index="layer", columns="bucket", values="minus_tokens", dropna=False).reindex(index=layers) if "minus_tokens" in g else acc * np.nan
+            text_acc, text_diff = [], []
+            for layer in layers:
+                row_acc, row_diff = [], []
+                for cell in g[g["layer"] == layer].sort_values("bucket").itertuples():
+                    if getattr(cell, "status", "fitted") != "fitted":
+                        row_acc.append("n/f")
+                        row_diff.append(str(cell.status).replace("not fitted: ", "n/f: "))
+                        continue
+                    row_acc.append(f"{cell.value:.2f}<br>tok {cell.token_baseline:.2f} · ctl {cell.control_value:.2f}")
+                    star = "*" if cell.beats_tokens else ""
+                    row_diff.append(f"{cell.minus_tokens:+.2f}{star}<br>[{cell.minus_tokens_ci_low:+.2f}, {cell.minus_tokens_ci_high:+.2f}]")
+                text_acc.append(row_acc)
+                text_diff.append(row_diff)
+            ylabels = [f"L{l}" for l in layers]
+            fig.add_trace(go.Heatmap(z=acc.values, x=names, y=ylabels, text=text_acc, texttemplate="%{text}", textfont=dict(size=9), zmin=0.5, zmax=1.0, coloraxis="coloraxis"), row=1, col=c)
+            fig.add_trace(go.Heatmap(z=diff.values, x=names, y=ylabels, text=text_diff, texttemplate="%{text}", textfont=dict(size=9), zmin=-0.3, zmax=0.3, coloraxis="coloraxis2"), row=2, col=c)
+        fig = themed(fig, "Linear probes on the residual stream beside their baselines (test documents; * = probe beats token identity, 95% CI)", "bucket (phase: distance to the trace's own boundary; others: CoT position)", "layer")
+        fig.update_xaxes(type="category", tickangle=30)
+        fig.update_layout(
+            coloraxis=dict(colorscale="Viridis", cmin=0.5, cmax=1.0, colorbar=dict(title="accuracy", y=0.78, len=0.42)),
+            coloraxis2=dict(colorscale="RdBu", cmin=-0.3, cmax=0.3, colorbar=dict(title="probe − tokens", y=0.22, len=0.42)),
+            width=max(800, 380 * len(targets)), height=760,
+        )
         return fig
 
 
@@ -185,7 +220,7 @@ def compute_head_scores(store, bridge, traces: pd.DataFrame, docs: pd.DataFrame,
         doc = by_id.loc[doc_id]
         gold = [int(g) for g in doc["gold"]]
         near = [int(n) for n in doc["near_miss"]] if "near_miss" in doc and doc["near_miss"] is not None else []
-        positions, final = store.read(doc_id, f"blocks.{n_layers - 1}.hook_resid_post")
+        positions, final = store.read(doc_id, hook_name("resid_post", n_layers - 1))
         positions = positions.numpy()
         early = (positions >= cot_start) & (positions < boundary)
         late = (positions >= boundary) & (positions < cot_end)
@@ -197,9 +232,9 @@ def compute_head_scores(store, bridge, traces: pd.DataFrame, docs: pd.DataFrame,
         if late.any() and pairs:
             _, grad = margin_gradient(final[late].float(), readout, pairs)
         for layer in range(n_layers):
-            _, writes = store.read(doc_id, f"blocks.{layer}.attn.hook_result")
-            _, kurt = store.read(doc_id, f"blocks.{layer}.attn.hook_pattern:doc_kurtosis")
-            _, mass = store.read(doc_id, f"blocks.{layer}.attn.hook_pattern:region_mass")
+            _, writes = store.read(doc_id, hook_name("head_out", layer))
+            _, kurt = store.read(doc_id, reduction_name("doc_kurtosis", layer))
+            _, mass = store.read(doc_id, reduction_name("region_mass", layer))
             span = slice(layer * n_heads, (layer + 1) * n_heads)
             if direction is not None and early.any():
                 coarse_doc[span] = coarse_terms(kurt[early], writes[early].float(), direction).mean(0).numpy()
@@ -240,9 +275,9 @@ def compute_attribution(store, traces: pd.DataFrame, n_layers: int, n_heads: int
         doc_id = str(trace.doc_id)
         cot_start, cot_end = int(trace.cot_start), int(trace.cot_end)
         for layer in range(n_layers):
-            pos, mass = store.read(doc_id, f"blocks.{layer}.attn.hook_pattern:region_mass")
-            _, vmass = store.read(doc_id, f"blocks.{layer}.attn.hook_pattern:value_mass")
-            _, kurt = store.read(doc_id, f"blocks.{layer}.attn.hook_pattern:doc_kurtosis")
+            pos, mass = store.read(doc_id, reduction_name("region_mass", layer))
+            _, vmass = store.read(doc_id, reduction_name("value_mass", layer))
+            _, kurt = store.read(doc_id, reduction_name("doc_kurtosis", layer))
             keep = ((pos >= cot_start) & (pos < cot_end)).numpy()
             if not keep.any():
                 continue
@@ -269,81 +304,172 @@ def compute_attribution(store, traces: pd.DataFrame, n_layers: int, n_heads: int
 # probes
 
 PROBE_TARGETS = ("phase", "decision", "gold", "answer")
+# Phase probes bucket tokens by their distance to the trace's own boundary, |t - τ| as a fraction
+# of the CoT: every bucket holds tokens from both sides, so no cell is single-class by design.
+PHASE_DISTANCE_EDGES = (0.0, 0.05, 0.1, 0.2, 0.35, 1.0)
+N_POSITION_BUCKETS = 5
 
 
-def _probe_rows(store, traces, docs, tau, n_layers: int, n_buckets: int):
-    """Yield (target, layer, bucket, features, label, doc) examples for the four probe targets."""
+def bucket_names(target: str) -> list[str]:
+    """Human-readable names of a target's buckets (index = bucket)."""
+    if target == "phase":
+        e = PHASE_DISTANCE_EDGES
+        return [f"|t−τ| {e[i]:.2f}–{e[i + 1]:.2f}" for i in range(len(e) - 1)]
+    return [f"t {b / N_POSITION_BUCKETS:.1f}–{(b + 1) / N_POSITION_BUCKETS:.1f}" for b in range(N_POSITION_BUCKETS)]
+
+
+def probe_examples(store, traces, docs, tau, n_layers: int) -> dict[tuple, list]:
+    """(target, layer, bucket) -> rows of (features, label, doc, current token id, previous token id).
+
+    ``phase``: every CoT token, label = after its trace's boundary, bucketed by distance to it.
+    ``gold`` / ``decision`` / ``answer``: the first token of each label mention, label = the label
+    is gold / is answered (mentions after the boundary) / is answered (mentions before it: early
+    decoding of the answer), bucketed by normalised CoT position.
+    """
     by_id = docs.set_index("doc_id")
     data: dict[tuple, list] = {}
+    edges = np.asarray(PHASE_DISTANCE_EDGES)
     for trace in traces.itertuples(index=False):
         doc_id = str(trace.doc_id)
         cot_start, cot_end = int(trace.cot_start), int(trace.cot_end)
+        T = max(cot_end - cot_start, 1)
         boundary = tau[doc_id]
+        ids = np.asarray(list(trace.prompt_ids) + list(trace.output_ids))
         gold = set(int(g) for g in by_id.loc[doc_id]["gold"])
         answer = set(int(a) for a in trace.answer)
         mention_first = {int(m["token_start"]): int(m["label_id"]) for m in trace.mentions if cot_start <= int(m["token_start"]) < cot_end}
         for layer in range(n_layers):
-            pos, resid = store.read(doc_id, f"blocks.{layer}.hook_resid_post")
+            pos, resid = store.read(doc_id, hook_name("resid_post", layer))
             pos = pos.numpy()
             resid = resid.float().numpy()
-            in_cot = (pos >= cot_start) & (pos < cot_end)
-            buckets = np.clip(((pos - cot_start) / max(cot_end - cot_start, 1) * n_buckets).astype(int), 0, n_buckets - 1)
-            for i in np.flatnonzero(in_cot):
-                b = int(buckets[i])
-                data.setdefault(("phase", layer, b), []).append((resid[i], int(pos[i] >= boundary), doc_id))
-                label = mention_first.get(int(pos[i]))
+            for i in np.flatnonzero((pos >= cot_start) & (pos < cot_end)):
+                p = int(pos[i])
+                tokens = (int(ids[p]), int(ids[p - 1]))
+                distance = abs(p - boundary) / T
+                b = int(np.clip(np.searchsorted(edges, distance, side="right") - 1, 0, len(edges) - 2))
+                data.setdefault(("phase", layer, b), []).append((resid[i], int(p >= boundary), doc_id, *tokens))
+                label = mention_first.get(p)
                 if label is not None:
-                    data.setdefault(("gold", layer, b), []).append((resid[i], int(label in gold), doc_id))
-                    if pos[i] >= boundary:
-                        data.setdefault(("decision", layer, b), []).append((resid[i], int(label in answer), doc_id))
-                    else:
-                        data.setdefault(("answer", layer, b), []).append((resid[i], int(label in answer), doc_id))
+                    b = int(np.clip((p - cot_start) / T * N_POSITION_BUCKETS, 0, N_POSITION_BUCKETS - 1))
+                    data.setdefault(("gold", layer, b), []).append((resid[i], int(label in gold), doc_id, *tokens))
+                    which = "decision" if p >= boundary else "answer"
+                    data.setdefault((which, layer, b), []).append((resid[i], int(label in answer), doc_id, *tokens))
     return data
 
 
-def compute_probes(store, traces, docs, tau, n_layers: int, n_buckets: int = 5, n_boot: int = 500, seed: int = 0, min_rows: int = 20) -> ProbeResults:
-    data = _probe_rows(store, traces, docs, tau, n_layers, n_buckets)
-    problems, train_masks, test_masks, controls = [], [], [], []
+def token_identity_predict(train_tokens: np.ndarray, train_labels: np.ndarray, test_tokens: np.ndarray) -> np.ndarray:
+    """The token-identity baseline: the majority label of the (current, previous) token pair in
+    the training rows, backing off to the current token alone, then to the training majority.
+
+    ``*_tokens``: [n, 2] (current id, previous id)."""
+    fallback = int(train_labels.mean() >= 0.5) if len(train_labels) else 0
+    pair: dict[tuple[int, int], list[int]] = {}
+    single: dict[int, list[int]] = {}
+    for (cur, prev), y in zip(train_tokens.tolist(), train_labels.tolist()):
+        pair.setdefault((cur, prev), [0, 0])[y] += 1
+        single.setdefault(cur, [0, 0])[y] += 1
+    out = np.empty(len(test_tokens), dtype=np.int64)
+    for i, (cur, prev) in enumerate(test_tokens.tolist()):
+        counts = pair.get((cur, prev)) or single.get(cur)
+        out[i] = fallback if counts is None else int(counts[1] > counts[0] or (counts[1] == counts[0] and fallback == 1))
+    return out
+
+
+def control_labels(token_ids: np.ndarray, positive_rate: float, seed: int) -> np.ndarray:
+    """Hewitt & Liang's control task: one random label per token type, drawn at the task's own
+    positive rate (same output space and balance; only memorising token types can solve it)."""
+    unique = np.unique(token_ids)
     rng = np.random.default_rng(seed)
-    for key, rows in sorted(data.items()):
-        labels = np.array([r[1] for r in rows])
-        if len(rows) < min_rows or len(np.unique(labels)) < 2:
+    table = dict(zip(unique.tolist(), (rng.random(len(unique)) < positive_rate).astype(np.int64).tolist()))
+    return np.array([table[t] for t in token_ids.tolist()], dtype=np.int64)
+
+
+def _pooled_ci(correct: dict[str, np.ndarray], docs: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """Accuracy over test rows (``correct`` per name, one value per row) and its bootstrap CI over documents."""
+    unique = np.unique(docs)
+    index = {d: i for i, d in enumerate(unique)}
+    which = np.array([index[d] for d in docs])
+    sums = np.bincount(which, weights=correct.astype(float), minlength=len(unique))
+    counts = np.bincount(which, minlength=len(unique)).astype(float)
+    return bootstrap_ci(lambda idx: float(sums[idx].sum() / max(counts[idx].sum(), 1)), n=len(unique), n_boot=n_boot, seed=seed)
+
+
+def compute_probes(store, traces, docs, tau, n_layers: int, n_boot: int = 500, seed: int = 0, min_rows: int = 20, tau_source: str = "true boundary") -> ProbeResults:
+    """Every (target, layer, bucket) cell: probe accuracy with a CI, beside the majority rate, the
+    token-identity baseline and the control task; cells that cannot be fitted are kept with a status."""
+    data = probe_examples(store, traces, docs, tau, n_layers)
+    positive_rate = {t: np.mean([r[1] for key, rows in data.items() if key[0] == t for r in rows] or [0.5]) for t in PROBE_TARGETS}
+    cells = [(t, layer, b) for t in PROBE_TARGETS for layer in range(n_layers) for b in range(len(bucket_names(t)))]
+    problems, controls, train_masks, test_masks, fitted = [], [], [], [], []
+    rows = []
+    for key in cells:
+        target, layer, bucket = key
+        base = {"target": target, "layer": layer, "bucket": bucket, "bucket_name": bucket_names(target)[bucket], "metric": "accuracy"}
+        examples = data.get(key, [])
+        labels = np.array([r[1] for r in examples], dtype=np.int64)
+        status = None
+        if len(examples) < min_rows:
+            status = f"not fitted: {len(examples)} rows (< {min_rows})"
+        elif len(np.unique(labels)) < 2:
+            status = f"not fitted: single class ({int(labels[0])} only)"
+        if status is None:
+            documents = np.array([r[2] for r in examples])
+            test = split_by_document(documents, 0.3, seed)
+            train_y = labels[~test]
+            if test.all() or not test.any():
+                status = "not fitted: too few documents to hold some out"
+            elif len(np.unique(train_y)) < 2:
+                status = "not fitted: single class in the training documents"
+        if status is not None:
+            rows.append({**base, "value": np.nan, "control_value": np.nan, "ci_low": np.nan, "ci_high": np.nan, "status": status, "n_rows": len(examples)})
             continue
-        documents = np.array([r[2] for r in rows])
-        features = np.stack([r[0] for r in rows])
-        test = split_by_document(documents, 0.3, seed)
-        if test.all() or not test.any():
-            continue
+        features = np.stack([r[0] for r in examples])
+        tokens = np.array([(r[3], r[4]) for r in examples], dtype=np.int64)
         problems.append(ProbeProblem(key, features, labels, documents))
+        controls.append(ProbeProblem(key, features, control_labels(tokens[:, 0], positive_rate[target], seed), documents))
         train_masks.append(~test)
         test_masks.append(test)
-        # Control: the same problem with training labels shuffled across documents' rows.
-        shuffled = labels.copy()
-        shuffled[~test] = rng.permutation(labels[~test])
-        controls.append(ProbeProblem(key, features, shuffled, documents))
-    if not problems:
-        return ProbeResults(pd.DataFrame(columns=list(ProbeResults.REQUIRED)), {"note": "too few probe examples"})
-    fit = fit_probe_bank(problems, train_masks)
-    control_fit = fit_probe_bank(controls, train_masks)
-    # Controls are scored on the true test labels.
-    real = evaluate_bank(fit, problems, test_masks)
-    ctrl = evaluate_bank(control_fit, problems, test_masks)
-    rows = []
-    for r, c in zip(real, ctrl):
-        target, layer, bucket = r["key"]
-        per_doc = np.array(list(r["per_doc"].values()))
-        _, lo, hi = bootstrap_ci(per_doc, n_boot=n_boot, seed=seed)
-        rows.append({"target": target, "layer": layer, "bucket": bucket, "metric": "accuracy", "value": r["accuracy"], "control_value": c["accuracy"], "ci_low": lo, "ci_high": hi, "majority": r["majority"], "selectivity": r["accuracy"] - c["accuracy"], "n_test": r["n_test"]})
+        fitted.append((base, tokens, len(examples)))
+    solver = "none"
+    if problems:
+        fit = fit_probe_bank(problems, train_masks)
+        control_fit = fit_probe_bank(controls, train_masks)
+        solver = fit.solver
+        for g, (base, tokens, n_rows) in enumerate(fitted):
+            p, c, test = problems[g], controls[g], test_masks[g]
+            y, docs_test = p.labels[test], p.documents[test]
+            probe_ok = (fit.decision(g, p.features[test]) > 0).astype(np.int64) == y
+            control_ok = (control_fit.decision(g, c.features[test]) > 0).astype(np.int64) == c.labels[test]
+            token_ok = token_identity_predict(tokens[~test], p.labels[~test], tokens[test]) == y
+            majority_class = int(p.labels[~test].mean() >= 0.5)
+            value, lo, hi = _pooled_ci(probe_ok, docs_test, n_boot, seed)
+            token_value, token_lo, token_hi = _pooled_ci(token_ok, docs_test, n_boot, seed)
+            diff, diff_lo, diff_hi = _pooled_ci(probe_ok.astype(float) - token_ok, docs_test, n_boot, seed)
+            control_value = float(control_ok.mean())
+            rows.append(
+                {
+                    **base, "value": value, "control_value": control_value, "ci_low": lo, "ci_high": hi,
+                    "majority": float((y == majority_class).mean()), "token_baseline": token_value, "token_ci_low": token_lo, "token_ci_high": token_hi,
+                    "minus_tokens": diff, "minus_tokens_ci_low": diff_lo, "minus_tokens_ci_high": diff_hi, "beats_tokens": bool(diff_lo > 0),
+                    "selectivity": value - control_value, "n_train": int((~test).sum()), "n_test": int(test.sum()), "n_rows": n_rows, "status": "fitted",
+                }
+            )
+    frame = pd.DataFrame(rows)
     meta = {
-        "split": "by document, 30% of documents held out (seeded)",
-        "control": "training labels permuted; scored on true test labels",
-        "buckets": f"{n_buckets} equal bins of normalised CoT position",
-        "n_buckets": n_buckets,
-        "phase_labels": "true boundary where known (organism), else the internal estimate",
-        "solver": f"batched Newton, {fit.iterations} iterations, C=1 on standardised features",
-        "ci": "bootstrap over test documents of per-document accuracy",
+        "split": "by document, 30% of documents held out (seeded); every baseline is fitted on the same training rows",
+        "baselines": {
+            "majority": "the training majority class, scored on the test rows",
+            "token_identity": "majority label of the (current, previous) token-id pair in training rows, backing off to the current token, then the majority",
+            "control_task": "Hewitt & Liang (2019): a random label fixed per token type at the target's positive rate; a probe of the same form trained and scored on it; selectivity = probe - control task",
+        },
+        "buckets": {"phase": f"distance to the trace's own boundary |t - τ| (fraction of the CoT), edges {list(PHASE_DISTANCE_EDGES)}", "other targets": f"{N_POSITION_BUCKETS} equal bins of normalised CoT position"},
+        "n_buckets": N_POSITION_BUCKETS,
+        "phase_labels": tau_source,
+        "solver": f"{solver}, C=1 on standardised features",
+        "ci": f"bootstrap over test documents ({n_boot} draws) of the pooled accuracy and of probe minus token identity (paired by row)",
+        "not_fitted": int((frame["status"] != "fitted").sum()) if len(frame) else 0,
     }
-    return ProbeResults(pd.DataFrame(rows), meta)
+    return ProbeResults(frame, meta)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -369,7 +495,7 @@ def compute_lens(store, bridge, traces, docs, labels, n_boot: int, seed: int) ->
             continue
         cot_start, cot_end = int(trace.cot_start), int(trace.cot_end)
         for layer in range(n_layers):
-            pos, resid = store.read(doc_id, f"blocks.{layer}.hook_resid_post")
+            pos, resid = store.read(doc_id, hook_name("resid_post", layer))
             keep = ((pos >= cot_start) & (pos < cot_end)).numpy()
             if not keep.any():
                 continue
@@ -392,57 +518,97 @@ def compute_lens(store, bridge, traces, docs, labels, n_boot: int, seed: int) ->
 # the stage
 
 
-def characterize_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0, progress: bool = True, model=None, manifest: Manifest | None = None) -> dict[str, FrameResult]:
-    """Compute and write every characterisation result of a run; returns them by file stem."""
+def _final_layer_pca(store, traces: pd.DataFrame, n_layers: int, d_model: int, seed: int):
     from sklearn.decomposition import PCA
 
+    last = hook_name("resid_post", n_layers - 1)
+    sample = []
+    for trace in traces.itertuples(index=False):
+        pos, resid = store.read(str(trace.doc_id), last)
+        keep = ((pos >= int(trace.cot_start)) & (pos < int(trace.cot_end))).numpy()
+        sample.append(resid.float().numpy()[keep])
+    return PCA(n_components=min(3, d_model), random_state=seed).fit(np.concatenate(sample))
+
+
+def _usable_traces(path: Path) -> pd.DataFrame:
+    traces = read_parquet(path, required=("doc_id", "output_ids", "cot_start", "cot_end", "regions", "mentions"))
+    return traces[traces["cot_end"] - traces["cot_start"] >= 8].reset_index(drop=True)  # too short to split
+
+
+def characterize_run(
+    run_dir: str | Path,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+    model=None,
+    manifest: Manifest | None = None,
+    internal: InternalSettings = InternalSettings(),
+) -> dict[str, FrameResult]:
+    """Compute and write every characterisation result of a run; returns them by file stem.
+
+    Args:
+        run_dir: a run with ``traces.parquet`` and its activation store (``dev_traces.parquet``,
+            when present, fits the ``constant`` boundary estimator).
+        n_boot: bootstrap draws for every CI.
+        internal: the internal boundary estimator's channels and smoothing (chosen on dev traces
+            by ``ctd characterize --tune-boundary``).
+    """
     from probes.models import load_model
 
     run_dir = Path(run_dir)
     manifest = Manifest.for_stage(run_dir, manifest)
     model_path = manifest.model_path()
     dataset = Dataset.load(run_dir)
-    traces = read_parquet(run_dir / "traces.parquet", required=("doc_id", "output_ids", "cot_start", "cot_end", "regions", "mentions"))
-    traces = traces[traces["cot_end"] - traces["cot_start"] >= 8].reset_index(drop=True)  # too short to split
+    traces = _usable_traces(run_dir / "traces.parquet")
     if traces.empty:
         raise input_error(run_dir / "traces.parquet", "no trace has a CoT of 8 tokens or more", "generate longer traces")
+    dev_path = run_dir / "dev_traces.parquet"
+    constant_share = fit_constant_share(_usable_traces(dev_path)) if dev_path.exists() else None
     store = open_store(run_dir)
     bridge = model if model is not None else load_model(model_path)
     n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
     timings: dict[str, float] = {}
     results: dict[str, FrameResult] = {}
-    with manifest.stage("characterize", config={"n_boot": n_boot, "seed": seed}, seed=seed) as record:
+    settings = {"n_boot": n_boot, "seed": seed, "internal": {"channels": internal.channels, "smoothing": internal.smoothing}}
+    with manifest.stage("characterize", config=settings, seed=seed) as record:
         t0 = time.perf_counter()
         dynamics = compute_dynamics(traces, dataset.docs, dataset.labels, bridge.tokenizer, n_boot=n_boot, seed=seed, progress=progress)
-        results["dynamics"] = dynamics
         timings["dynamics"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         per_trace = dynamics.frame.dropna(subset=["doc_id"])
         dyn_rows = {doc: {m: g[g["metric"] == m].sort_values("t")["value"].to_numpy() for m in ("focus", "confusion")} for doc, g in per_trace.groupby("doc_id")}
-        last = f"blocks.{n_layers - 1}.hook_resid_post"
-        sample = []
-        for trace in traces.itertuples(index=False):
-            pos, resid = store.read(str(trace.doc_id), last)
-            keep = ((pos >= int(trace.cot_start)) & (pos < int(trace.cot_end))).numpy()
-            sample.append(resid.float().numpy()[keep])
-        pca = PCA(n_components=min(3, bridge.cfg.d_model), random_state=seed).fit(np.concatenate(sample))
-        boundary = estimate_boundaries(traces, dynamics_rows=dyn_rows, grid=GRID, store=store, layers=list(range(n_layers)), pca=pca)
+        pca = _final_layer_pca(store, traces, n_layers, bridge.cfg.d_model, seed)
+        boundary = estimate_boundaries(traces, dynamics_rows=dyn_rows, grid=GRID, store=store, layers=list(range(n_layers)), pca=pca, constant_share=constant_share, internal=internal, progress=progress)
         boundary.meta["internal_channels"] = "per layer: mean over heads of the attention mass to the document, to the model's own output (CoT and its mentions) and to the prompt scaffolding (no text markers, no truth)"
+        boundary.meta["constant_fitted_on"] = f"{dev_path.name}: {len(_usable_traces(dev_path))} dev traces" if constant_share is not None else "not fitted: no dev traces with a known boundary"
+        boundary.meta["n_boot"] = n_boot
         results["boundary"] = boundary
         timings["boundary"] = time.perf_counter() - t0
-        internal = boundary.frame[boundary.frame["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
+        internal_tau = boundary.frame[boundary.frame["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
         truth = {str(t.doc_id): int(t.true_boundary) for t in traces.itertuples(index=False) if not pd.isna(t.true_boundary)}
-        phase_tau = {doc: truth.get(doc, internal[doc]) for doc in internal}
+        phase_tau = {doc: truth.get(doc, internal_tau[doc]) for doc in internal_tau}
+        tau_source = "the true boundary (known for every trace)" if len(truth) == len(internal_tau) else "the true boundary where known, else the internal estimate"
+        lengths = {str(t.doc_id): (int(t.cot_start), max(int(t.cot_end) - int(t.cot_start), 1)) for t in traces.itertuples(index=False)}
+        results["dynamics"] = dynamics.with_phase_changes({d: (tau - lengths[d][0]) / lengths[d][1] for d, tau in phase_tau.items()}, source=tau_source, n_boot=n_boot, seed=seed)
 
         t0 = time.perf_counter()
-        results["head_scores"] = compute_head_scores(store, bridge, traces, dataset.docs, dataset.labels, internal, n_boot, seed)
+        results["head_scores"] = compute_head_scores(store, bridge, traces, dataset.docs, dataset.labels, internal_tau, n_boot, seed)
+        dev = _usable_traces(dev_path) if dev_path.exists() else None
+        if dev is not None and len(dev) and set(dev["doc_id"].astype(str)) <= set(store.doc_ids):
+            # Rankings that later stages act on (patching, distillation) come from dev traces, so the
+            # test traces they are measured on never chose the heads.
+            dev_boundary = estimate_boundaries(dev, estimators=("internal",), store=store, layers=list(range(n_layers)), pca=pca, internal=internal)
+            dev_tau = dev_boundary.frame.set_index("doc_id")["tau_token"].to_dict()
+            dev_scores = compute_head_scores(store, bridge, dev, dataset.docs, dataset.labels, dev_tau, n_boot, seed)
+            dev_scores.meta["traces"] = f"{len(dev)} dev traces ({dev_path.name})"
+            results["dev_head_scores"] = dev_scores
         timings["head_scores"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         results["attribution"] = compute_attribution(store, traces, n_layers, n_heads)
         timings["attribution"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        results["probes"] = compute_probes(store, traces, dataset.docs, phase_tau, n_layers, n_boot=max(200, n_boot // 2), seed=seed)
+        results["probes"] = compute_probes(store, traces, dataset.docs, phase_tau, n_layers, n_boot=max(200, n_boot // 2), seed=seed, tau_source=tau_source)
         timings["probes"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         results["lens"] = compute_lens(store, bridge, traces, dataset.docs, dataset.labels, n_boot, seed)
@@ -451,7 +617,41 @@ def characterize_run(run_dir: str | Path, n_boot: int = 1000, seed: int = 0, pro
             result.save(run_dir / f"{stem}.parquet")
         record["outputs"] = [f"{stem}.parquet" for stem in results]
         record["timings"] = {k: round(v, 2) for k, v in timings.items()}
-        record["boundary_errors"] = results["boundary"].errors().to_dict(orient="records")
+        record["boundary_errors"] = results["boundary"].errors(n_boot=n_boot, seed=seed).to_dict(orient="records")
     if progress:
         print(f"[characterize] wrote {', '.join(f'{s}.parquet' for s in results)} to {run_dir}", file=sys.stderr)
     return results
+
+
+def tune_boundary_run(run_dir: str | Path, progress: bool = True, model=None, seed: int = 0) -> pd.DataFrame:
+    """``ctd characterize --run R --tune-boundary``: choose the internal estimator's channels and
+    smoothing on the run's dev traces only.
+
+    The dev traces (``dev_traces.parquet``, written by the traces stage and captured beside the test
+    traces by the capture stage) are scored against their true boundary for every choice of
+    :data:`~analyses.boundary.SMOOTHING_GRID` x channels; the table (best first) is written to
+    ``R/boundary_tuning.parquet``. Test traces are never read.
+    """
+    from analyses.io import write_parquet
+    from probes.models import load_model
+
+    run_dir = Path(run_dir)
+    manifest = Manifest(run_dir)
+    manifest.verify_complete()
+    dev_path = run_dir / "dev_traces.parquet"
+    if not dev_path.exists():
+        raise input_error(dev_path, "no dev traces to tune on", "run the traces stage into a new --out with --n-dev-docs 100")
+    store = open_store(run_dir)
+    traces = _usable_traces(dev_path)
+    missing = sorted(set(traces["doc_id"].astype(str)) - set(store.doc_ids))
+    if missing:
+        raise input_error(run_dir / "activations", f"{len(missing)} dev traces are not in the activation store (e.g. {missing[0]})", "rerun `ctd capture --run R` (it captures dev_traces.parquet too)")
+    bridge = model if model is not None else load_model(manifest.model_path())
+    n_layers = bridge.cfg.n_layers
+    pca = _final_layer_pca(store, traces, n_layers, bridge.cfg.d_model, seed)
+    table = tune_internal(traces, store, list(range(n_layers)), pca=pca, progress=progress)
+    shipped = InternalSettings()
+    table["shipped_default"] = (table["channels"] == shipped.channels) & np.isclose(table["smoothing"], shipped.smoothing)
+    meta = {"dev_traces": int(len(traces)), "selected": {"channels": str(table.iloc[0]["channels"]), "smoothing": float(table.iloc[0]["smoothing"])}, "shipped": {"channels": shipped.channels, "smoothing": shipped.smoothing}, "metric": "median |estimated - true boundary| / CoT length over dev traces"}
+    write_parquet(table, run_dir / "boundary_tuning.parquet", metadata={"ctd_meta": json.dumps(meta)})
+    return table

@@ -92,7 +92,7 @@ def _cmd_traces(args) -> int:
         options.setdefault("n_docs", 1000)
     dataset = load_dataset(source, path, **options)
     config = GenerationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed or 0)
-    write_traces(args.out, dataset, model=args.model, split=args.split, n_docs=args.n_docs, template_name=args.template, config=config)
+    write_traces(args.out, dataset, model=args.model, split=args.split, n_docs=args.n_docs, template_name=args.template, config=config, n_dev_docs=args.n_dev_docs)
     return 0
 
 
@@ -111,10 +111,22 @@ def _cmd_capture(args) -> int:
 
 
 def _cmd_characterize(args) -> int:
-    from analyses.characterize import characterize_run
+    from analyses.boundary import InternalSettings
+    from analyses.characterize import characterize_run, tune_boundary_run
 
-    results = characterize_run(args.run, n_boot=args.n_boot, seed=args.seed)
-    errors = results["boundary"].errors()
+    if args.tune_boundary:
+        table = tune_boundary_run(args.run, seed=args.seed)
+        print(table.head(12).to_string(index=False))
+        best = table.iloc[0]
+        shipped = InternalSettings()
+        same = best["channels"] == shipped.channels and abs(best["smoothing"] - shipped.smoothing) < 1e-9
+        print(f"selected on {int(best['n'])} dev traces: channels={best['channels']}, smoothing={best['smoothing']:.2f} "
+              f"({'the shipped default' if same else f'shipped default: channels={shipped.channels}, smoothing={shipped.smoothing:.2f}'}); "
+              f"all {len(table)} choices in {Path(args.run) / 'boundary_tuning.parquet'}")
+        return 0
+    internal = InternalSettings(**{k: v for k, v in (("channels", args.boundary_channels), ("smoothing", args.boundary_smoothing)) if v is not None})
+    results = characterize_run(args.run, n_boot=args.n_boot, seed=args.seed, internal=internal)
+    errors = results["boundary"].errors(n_boot=args.n_boot, seed=args.seed)
     if not errors.empty:
         print(errors.to_string(index=False))
     for score in ("coarse", "refine"):
@@ -137,17 +149,24 @@ def _as_stage(run: str, name: str, settings: dict, outputs: list[str], produce):
 
 
 def _cmd_patch(args) -> int:
-    from analyses.patch import patch_run
+    from dataclasses import asdict
 
-    settings = {"n_docs": args.n_docs, "n_random": args.n_random, "seed": args.seed}
+    from analyses.patch import PatchSettings, patch_run
+
+    settings = PatchSettings(n_docs=args.n_docs, n_random=args.n_random, seed=args.seed, what=args.what, sweep=not args.no_sweep, regenerate=not args.no_regenerate)
+    if args.positions:
+        settings.sweep_positions = tuple(args.positions)
 
     def produce(manifest):
-        result = patch_run(args.run, n_docs=args.n_docs, n_random=args.n_random, seed=args.seed, manifest=manifest)
+        result = patch_run(args.run, settings, manifest=manifest)
         result.save(Path(args.run) / "patching.parquet")
         return result
 
-    result = _as_stage(args.run, "patch", settings, ["patching.parquet"], produce)
-    print(f"patching.parquet: {len(result.summary)} summary rows over {result.meta['n_traces']} traces")
+    result = _as_stage(args.run, "patch", asdict(settings), ["patching.parquet"], produce)
+    corr = result.correlations()
+    corr = corr[corr["metric"] == "spearman"]
+    print(f"patching.parquet: every head's effect over {result.meta['n_traces']} traces")
+    print(corr[["score", "mode", "readout", "value", "ci_low", "ci_high", "p_value"]].to_string(index=False))
     return 0
 
 
@@ -223,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--dataset", nargs="+", metavar=("SOURCE", "PATH"), help="dataset source and its folder")
     traces.add_argument("--split", default="test")
     traces.add_argument("--n-docs", type=int)
+    traces.add_argument("--n-dev-docs", type=int, help="dev-split traces written beside them (default: 100 for the organism, else 0)")
     traces.add_argument("--template", help="prompt template name (default: the model family's plain template)")
     traces.add_argument("--batch-size", type=int, default=32)
-    traces.add_argument("--max-new-tokens", type=int, default=256)
+    traces.add_argument("--max-new-tokens", type=int, default=768)
     traces.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     traces.add_argument("--seed", type=int)
     traces.add_argument("--opt", action="append", help="dataset option KEY=VALUE (repeatable)")
@@ -245,19 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
     char.add_argument("--run", required=True, help="run directory with traces and activations")
     char.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for CIs")
     char.add_argument("--seed", type=int, default=0)
+    char.add_argument("--tune-boundary", action="store_true", help="choose the internal boundary estimator's channels and smoothing on the run's dev traces (writes boundary_tuning.parquet)")
+    char.add_argument("--boundary-channels", choices=["regions", "document", "all"], help="internal estimator channels (default: the tuned choice)")
+    char.add_argument("--boundary-smoothing", type=float, help="internal estimator smoothing, fraction of the CoT (default: the tuned choice)")
     char.set_defaults(func=_cmd_characterize)
 
-    patch = sub.add_parser("patch", help="denoise/noise the top phase-1 and phase-2 heads, with controls")
+    patch = sub.add_parser("patch", help="every head's causal effect (sweep and attribution) and whether the phase scores find the causal heads")
     patch.add_argument("--run", required=True)
-    patch.add_argument("--n-docs", type=int, default=10)
-    patch.add_argument("--n-random", type=int, default=2, help="seeded draws of k random heads")
+    patch.add_argument("--n-docs", type=int, default=40)
+    patch.add_argument("--n-random", type=int, default=3, help="seeded draws of k random heads (outside the ranked top k)")
+    patch.add_argument("--what", default="z", choices=["z", "pattern"], help="patch head outputs (hook_z) or attention patterns")
+    patch.add_argument("--positions", nargs="+", choices=["all", "phase1", "phase2"], help="position sets of the per-head sweep (default: all three)")
+    patch.add_argument("--no-sweep", action="store_true", help="attribution patching only (models too large to sweep)")
+    patch.add_argument("--no-regenerate", action="store_true", help="teacher-forced read-outs only")
     patch.add_argument("--seed", type=int, default=0)
     patch.set_defaults(func=_cmd_patch)
 
     iso = sub.add_parser("isolate", help="truncation, shortlist injection, retriever baselines and complementarity")
     iso.add_argument("--run", required=True)
     iso.add_argument("--retriever-k", type=int, default=5)
-    iso.add_argument("--other-run", help="another run directory whose shortlists are injected (inject:other)")
+    iso.add_argument("--other-run", help="another run directory whose shortlists are injected (other_shortlist+phase2)")
     iso.add_argument("--n-docs", type=int)
     iso.add_argument("--seed", type=int, default=0)
     iso.set_defaults(func=_cmd_isolate)

@@ -1,17 +1,21 @@
 """``ctd isolate --run DIR``: can the phases be separated, and are they complementary? (DESIGN §2)
 
-Conditions, each read out as shortlist recall, answer micro-F1, P@1 and recall with bootstrap CIs:
-- ``full``: the model's own trace;
-- ``truncate@tau`` and ``truncate@0.1`` ... ``truncate@1.0``: the CoT cut at the estimated boundary
-  or a decile, then the answer forced (think close and answer marker appended);
-- ``inject:oracle`` / ``inject:retriever`` / ``inject:own`` / ``inject:other``: a shortlist written in
-  place of phase 1 (gold + near-misses; MiniLM retriever top-k; the model's own shortlist; another
-  run's), after which the model reasons and answers;
-- ``retriever``: the retriever alone (its top-n, n = the model's answer size);
-- ``rerank``: the model's shortlist re-ranked by the retriever.
-Complementarity is computed: the combination (retriever shortlist + the model's phase 2) must beat
-both stand-alone substitutes (the retriever alone, and the model's phase 1 alone = truncate@tau),
-with paired bootstrap CIs of the F1 differences above zero.
+Conditions, each read out as shortlist recall, answer micro-F1, P@1 and recall with bootstrap CIs
+(``CONDITIONS`` describes each in words; the same words go into the result's meta):
+- ``full_model``: the model's own trace, phase 1 and phase 2;
+- ``phase1_only@tau`` and ``phase1_only@0.1`` ... ``@1.0``: the CoT cut at the estimated boundary
+  or at a share of its length, then the answer forced (think close and answer marker appended);
+- ``oracle_shortlist+phase2`` / ``retriever_shortlist+phase2`` / ``own_shortlist+phase2`` /
+  ``other_shortlist+phase2``: a shortlist written in place of phase 1 (gold + near-misses; the
+  MiniLM retriever's top-k; the model's own shortlist; another run's), then the model's phase 2;
+- ``retriever_alone``: the retriever's top-n, n fixed from the training split (the median number of
+  gold labels per training document), never from the model's answers;
+- ``model_shortlist_reranked``: the model's shortlist re-ranked by the retriever, top-n likewise.
+
+Complementarity (DESIGN §2): the full model (both phases) beats each phase's stand-alone
+substitute: phase 1 alone (``phase1_only@tau``) and phase 2 alone (the model's phase 2 on the
+retriever's shortlist, ``retriever_shortlist+phase2``), with paired bootstrap CIs of the F1
+differences above zero.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from plotly.subplots import make_subplots
 
 from analyses.figures import PALETTE, themed
 from analyses.io import Manifest, read_parquet
 from analyses.parsing import TraceParser
+from analyses.prompts import get_template
 from analyses.results import FrameResult
 from analyses.tasks.sources import Dataset
 from probes.errors import input_error
@@ -44,18 +50,42 @@ class IsolationResult(FrameResult):
         return "complementary" if len(row) and row["value"].iloc[0] == 1.0 else "not shown"
 
     def figure(self, metric: str = "micro_f1") -> go.Figure:
-        f = self.frame[(self.frame["metric"] == metric) & ~self.frame["condition"].str.startswith(("truncate@0", "truncate@1", "complementarity"))]
-        fig = go.Figure(go.Bar(x=f["condition"], y=f["value"], marker_color=PALETTE[0], error_y=dict(type="data", symmetric=False, array=f["ci_high"] - f["value"], arrayminus=f["value"] - f["ci_low"])))
-        deciles = self.frame[(self.frame["metric"] == metric) & self.frame["condition"].str.match(r"truncate@(0|1)")]
-        if len(deciles):
-            fig.add_trace(go.Scatter(x=deciles["condition"], y=deciles["value"], mode="lines+markers", name="truncated at decile", line=dict(color=PALETTE[1])))
-        fig.update_layout(showlegend=False)
-        return themed(fig, f"Phase isolation: {metric.replace('_', '-')} per condition ({self.verdict()}; 95% CI)", "condition", metric.replace("_", "-"))
+        """Conditions as bars (with CIs), and the truncation curve on its own axis of CoT share."""
+        f = self.frame[self.frame["metric"] == metric]
+        bars = f[~f["condition"].str.match(r"phase1_only@(0|1)") & (f["condition"] != "complementarity")]
+        curve = f[f["condition"].str.match(r"phase1_only@(0|1)")].copy()
+        fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], subplot_titles=("conditions", "phase 1 alone, CoT cut at a share of its length"))
+        fig.add_trace(go.Bar(x=bars["condition"], y=bars["value"], marker_color=PALETTE[0], error_y=dict(type="data", symmetric=False, array=bars["ci_high"] - bars["value"], arrayminus=bars["value"] - bars["ci_low"]), showlegend=False), row=1, col=1)
+        if len(curve):
+            curve["share"] = curve["condition"].str.split("@").str[1].astype(float)
+            curve = curve.sort_values("share")
+            fig.add_trace(go.Scatter(x=curve["share"], y=curve["value"], mode="lines+markers", line=dict(color=PALETTE[1]), error_y=dict(type="data", symmetric=False, array=curve["ci_high"] - curve["value"], arrayminus=curve["value"] - curve["ci_low"]), showlegend=False), row=1, col=2)
+        fig = themed(fig, f"Phase isolation: {metric.replace('_', '-')} per condition ({self.verdict()}; 95% CI)", "condition | share of the CoT kept", metric.replace("_", "-"))
+        fig.update_xaxes(title_text="condition", tickangle=30, row=1, col=1)
+        fig.update_xaxes(title_text="share of the CoT kept before the answer is forced", range=[0, 1.05], row=1, col=2)
+        fig.update_layout(width=1100, height=520)
+        return fig
 
 
-def shortlist_text(codes: list[str]) -> str:
-    """The organism's phase-1 line for a candidate list (what injection writes in place of phase 1)."""
-    return "Candidates: " + ", ".join(codes) + ".\n"
+CONDITIONS = {
+    "full_model": "the model's own trace: its phase 1 and its phase 2",
+    "phase1_only@tau": "phase 1 alone: the CoT cut at the internal boundary estimate, answer forced",
+    "phase1_only@<share>": "the CoT cut at that share of its length, answer forced",
+    "oracle_shortlist+phase2": "gold labels and as many near-misses (shuffled) written as phase 1, then the model's phase 2",
+    "retriever_shortlist+phase2": "phase 2 alone: the retriever's top-k written as phase 1, then the model's phase 2",
+    "own_shortlist+phase2": "the model's own shortlist re-written as phase 1, then its phase 2",
+    "other_shortlist+phase2": "another run's shortlist written as phase 1, then this model's phase 2",
+    "retriever_alone": "the retriever's top-n (n from the training split, not from the model)",
+    "model_shortlist_reranked": "the model's shortlist re-ranked by the retriever, top-n",
+}
+
+
+def shortlist_text(label_ids: list[int], labels) -> str:
+    """The organism's phase-1 line for a candidate list (what injection writes in place of phase
+    1): each code with its short description, as the organism writes them."""
+    from analyses.organism import label_mention
+
+    return "Candidates: " + "; ".join(label_mention(labels, i) for i in label_ids) + ".\n"
 
 
 def continue_batch(hf_model, tokenizer, prefixes: list[list[int]], max_new_tokens: int, batch_size: int = 32) -> list[list[int]]:
@@ -123,8 +153,9 @@ def isolate_run(
         other = read_parquet(Path(other_run) / "traces.parquet", required=("doc_id", "shortlist")).set_index("doc_id")["shortlist"].to_dict()
     tokenizer = load_tokenizer(model_path)
     hf = load_hf_model(model_path, attn_implementation="sdpa")
-    parser = TraceParser(labels)
-    close = tokenizer.encode("\n</think>\n<answer>", add_special_tokens=False)
+    template = get_template(manifest.data.get("stages", {}).get("traces", {}).get("config", {}).get("template", "organism"))
+    parser = TraceParser(labels, think_close=template.think_close, answer_open=template.answer_open, answer_close=template.answer_close)
+    close = tokenizer.encode("\n" + template.think_close + "\n" + template.answer_open, add_special_tokens=False)
     retriever = LabelRetriever(labels)
     from analyses.embed import embed_texts
 
@@ -133,40 +164,43 @@ def isolate_run(
     rng = np.random.default_rng(seed)
 
     gold = [set(int(g) for g in by_id.loc[d]["gold"]) for d in traces["doc_id"]]
-    predictions: dict[str, list[list[int]]] = {"full": [list(a) for a in traces["answer"]]}
-    shortlists: dict[str, list[list[int]]] = {"full": [list(s) for s in traces["shortlist"]]}
+    predictions: dict[str, list[list[int]]] = {"full_model": [list(a) for a in traces["answer"]]}
+    shortlists: dict[str, list[list[int]]] = {"full_model": [list(s) for s in traces["shortlist"]]}
     prefixes: dict[str, list[list[int]]] = {}
     for i, t in enumerate(traces.itertuples()):
         prompt, output = list(t.prompt_ids), list(t.output_ids)
         cot_len = int(t.cot_end) - int(t.cot_start)
-        cuts = {"truncate@tau": int(tau[t.doc_id]) - int(t.cot_start)}
-        cuts.update({f"truncate@{d / 10:.1f}": int(round(d / 10 * cot_len)) for d in range(1, 11)})
+        cuts = {"phase1_only@tau": int(tau[t.doc_id]) - int(t.cot_start)}
+        cuts.update({f"phase1_only@{d / 10:.1f}": int(round(d / 10 * cot_len)) for d in range(1, 11)})
         for name, cut in cuts.items():
             prefixes.setdefault(name, []).append(prompt + output[:cut] + close)
             shortlists.setdefault(name, []).append([m["label_id"] for m in t.mentions if int(m["token_start"]) < int(t.cot_start) + cut])
         doc = by_id.loc[t.doc_id]
         oracle = sorted(gold[i]) + [int(n) for n in list(doc["near_miss"])[: len(gold[i])]]
-        injections = {"inject:oracle": [oracle[j] for j in rng.permutation(len(oracle))], "inject:retriever": [int(x) for x in ret_idx[i, :retriever_k]], "inject:own": list(dict.fromkeys(t.shortlist))}
+        injections = {"oracle_shortlist+phase2": [oracle[j] for j in rng.permutation(len(oracle))], "retriever_shortlist+phase2": [int(x) for x in ret_idx[i, :retriever_k]], "own_shortlist+phase2": list(dict.fromkeys(t.shortlist))}
         if other is not None and t.doc_id in other:
-            injections["inject:other"] = list(dict.fromkeys(int(x) for x in other[t.doc_id]))
+            injections["other_shortlist+phase2"] = list(dict.fromkeys(int(x) for x in other[t.doc_id]))
         for name, ids in injections.items():
-            prefixes.setdefault(name, []).append(prompt + tokenizer.encode(shortlist_text([labels.codes[x] for x in ids]), add_special_tokens=False))
+            prefixes.setdefault(name, []).append(prompt + tokenizer.encode(shortlist_text(list(ids), labels), add_special_tokens=False))
             shortlists.setdefault(name, []).append(ids)
     budget = int(max(len(o) for o in traces["output_ids"])) + 16
     for name, batch in prefixes.items():
         if progress:
             print(f"[isolate] {name}: {len(batch)} continuations", file=sys.stderr)
-        continuations = continue_batch(hf, tokenizer, batch, max_new_tokens=24 if name.startswith("truncate") else budget)
-        predictions[name] = [parser.answer_of(("<answer>" if name.startswith("truncate") else "") + tokenizer.decode(c, skip_special_tokens=False)) for c in continuations]
-    sizes = [max(1, len(a)) for a in predictions["full"]]
-    predictions["retriever"] = [[int(x) for x in ret_idx[i, : sizes[i]]] for i in range(len(gold))]
-    shortlists["retriever"] = [[int(x) for x in ret_idx[i, :retriever_k]] for i in range(len(gold))]
+        cut = name.startswith("phase1_only")
+        continuations = continue_batch(hf, tokenizer, batch, max_new_tokens=24 if cut else budget)
+        predictions[name] = [parser.answer_of((template.answer_open if cut else "") + tokenizer.decode(c, skip_special_tokens=False)) for c in continuations]
+    train_docs = dataset.split("train")
+    size_source = train_docs if len(train_docs) else dataset.docs[~dataset.docs["doc_id"].isin(traces["doc_id"])]
+    answer_size = max(1, int(np.median([len(g) for g in size_source["gold"]]))) if len(size_source) else 1
+    predictions["retriever_alone"] = [[int(x) for x in ret_idx[i, :answer_size]] for i in range(len(gold))]
+    shortlists["retriever_alone"] = [[int(x) for x in ret_idx[i, :retriever_k]] for i in range(len(gold))]
     rerank = []
-    for i, sl in enumerate(shortlists["full"]):
+    for i, sl in enumerate(shortlists["full_model"]):
         ordered = sorted(dict.fromkeys(sl), key=lambda x: -float(retriever.vectors[x] @ doc_vectors[i]))
-        rerank.append(ordered[: sizes[i]])
-    predictions["rerank"] = rerank
-    shortlists["rerank"] = shortlists["full"]
+        rerank.append(ordered[:answer_size])
+    predictions["model_shortlist_reranked"] = rerank
+    shortlists["model_shortlist_reranked"] = shortlists["full_model"]
 
     rows = []
     n = len(gold)
@@ -181,20 +215,24 @@ def isolate_run(
             rows.append({"condition": name, "metric": metric, "value": mean, "ci_low": lo, "ci_high": hi, "n": n})
         f1_point, f1_lo, f1_hi = bootstrap_ci(lambda idx, p=preds: set_metrics([gold[i] for i in idx], [p[i] for i in idx])["micro_f1"], n=n, n_boot=n_boot, seed=seed)
         rows.append({"condition": name, "metric": "micro_f1", "value": f1_point, "ci_low": f1_lo, "ci_high": f1_hi, "n": n})
-    combo = predictions["inject:retriever"]
-    d_ret = _paired_diff_ci(combo, predictions["retriever"], gold, n_boot, seed)
-    d_p1 = _paired_diff_ci(combo, predictions["truncate@tau"], gold, n_boot, seed)
-    verdict = float(d_ret[1] > 0 and d_p1[1] > 0)
+    full = predictions["full_model"]
+    d_p1 = _paired_diff_ci(full, predictions["phase1_only@tau"], gold, n_boot, seed)
+    d_p2 = _paired_diff_ci(full, predictions["retriever_shortlist+phase2"], gold, n_boot, seed)
+    d_ret = _paired_diff_ci(full, predictions["retriever_alone"], gold, n_boot, seed)
+    verdict = float(d_p1[1] > 0 and d_p2[1] > 0)
     rows += [
+        {"condition": "complementarity", "metric": "f1_gain_over_phase1_alone", "value": d_p1[0], "ci_low": d_p1[1], "ci_high": d_p1[2], "n": n},
+        {"condition": "complementarity", "metric": "f1_gain_over_phase2_alone", "value": d_p2[0], "ci_low": d_p2[1], "ci_high": d_p2[2], "n": n},
         {"condition": "complementarity", "metric": "f1_gain_over_retriever_alone", "value": d_ret[0], "ci_low": d_ret[1], "ci_high": d_ret[2], "n": n},
-        {"condition": "complementarity", "metric": "f1_gain_over_model_phase1_alone", "value": d_p1[0], "ci_low": d_p1[1], "ci_high": d_p1[2], "n": n},
         {"condition": "complementarity", "metric": "verdict", "value": verdict, "ci_low": np.nan, "ci_high": np.nan, "n": n},
     ]
     meta = {
-        "combination": "retriever top-k shortlist injected in place of phase 1, then the model's own phase 2",
-        "stand_alone": {"phase 1": "retriever alone (top-n, n = model's answer size)", "model phase 1": "CoT truncated at the internal boundary, answer forced"},
-        "verdict_rule": "both paired-bootstrap 95% CIs of the micro-F1 gain lie above 0",
-        "retriever": f"MiniLM cosine, top-{retriever_k}",
+        "conditions": CONDITIONS,
+        "combination": "full_model: the model's own phase 1 and phase 2",
+        "stand_alone": {"phase 1": "phase1_only@tau (the CoT cut at the internal boundary, answer forced)", "phase 2": "retriever_shortlist+phase2 (the model's phase 2 on the retriever's shortlist instead of its own phase 1)"},
+        "verdict_rule": "the full model's micro-F1 gain over each stand-alone substitute has a paired-bootstrap 95% CI above 0",
+        "retriever": f"MiniLM cosine; shortlists top-{retriever_k}",
+        "retriever_alone_size": f"{answer_size} (median gold labels per document of the {'training split' if len(train_docs) else 'non-evaluated documents'}, not the model's answers)",
         "n_traces": n,
     }
     return IsolationResult(pd.DataFrame(rows), meta)

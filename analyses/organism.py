@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 
 from analyses.prompts import get_template
-from analyses.tasks.labels import LabelSpace, normalize_text
+from analyses.tasks.labels import LabelSpace, lower_first, normalize_text, short_description
 from probes.errors import CtdNumericalError, input_error
 
 __all__ = [
@@ -60,64 +60,109 @@ def default_organism_path() -> Path:
 # the trace teacher
 
 
-def _near_miss_evidence(labels: LabelSpace, near: int, gold_phrase: str) -> str:
-    gold_words = set(normalize_text(gold_phrase).split())
-    words = [w for w in normalize_text(labels.texts[near]).split() if w not in gold_words]
-    return " ".join(dict.fromkeys(words[:2])) if words else "less specific"
+# Words that name no distinguishing modifier: a gold code decided only by these ("unspecified",
+# "other") is a residual code, and every more specific sibling must be checked and ruled out.
+_GENERIC_WORDS = frozenset("unspecified other specified elsewhere classified not of the and in to or a an by for as".split())
+# How many further siblings a residual code is checked against in phase 2 (beyond the listed one).
+MAX_EXTRA_CHECKS = 6
+PHASE2_MARKER = "Check "
 
 
-def teacher_trace(row, labels: LabelSpace, max_candidates: int = 8) -> str:
-    """The trace (text after the prompt's ``<think>\\n``) for one generated note ``row``.
+def label_mention(labels: LabelSpace, label_id: int) -> str:
+    """A code as the CoT names it: the code followed by its short description."""
+    return f"{labels.codes[label_id]} {short_description(labels.texts[label_id])}"
 
-    Candidates are chosen as gold codes, then distractors, then each gold code's closest sibling
-    (up to ``max_candidates``), and listed in the order their findings appear in the note; a gold
-    code and its sibling are listed in code order. The order is a function of the note alone, so
-    the organism can learn it (a random order taught it to repeat one code), and it does not
-    reveal gold: position says which finding a code belongs to, not whether it is kept.
+
+def _ranked_siblings(row, labels: LabelSpace, gold: int) -> list[int]:
+    # The note records each gold code's siblings ranked by text similarity (closest first).
+    parent = labels.parents[gold]
+    near = [int(j) for j in row["near_miss"]] if "near_miss" in row and row["near_miss"] is not None else []
+    ranked = [j for j in near if parent is not None and labels.parents[j] == parent and j != gold]
+    contrast = next((int(e["contrast"]) for e in row["evidence"] if int(e["label_id"]) == gold), -1)
+    if contrast >= 0 and contrast not in ranked and labels.parents[contrast] == parent:
+        ranked.insert(0, contrast)
+    return ranked
+
+
+def teacher_trace(row, labels: LabelSpace, max_extra: int = MAX_EXTRA_CHECKS) -> str:
+    """The trace (text after the prompt's ``<think>\n``) for one generated note ``row``.
+
+    Phase 1 (shortlisting) walks the note's findings in order. A gold finding lists its code and
+    its closest sibling (code order, so position does not reveal gold); a negated or family-history
+    finding is ruled out at once; a past-history finding is listed for checking. Phase 2
+    (fine-grained) begins at the first ``Check`` and walks the findings again:
+
+    - a gold code whose evidence names a distinguishing modifier ("acute", "left") is kept on it;
+    - a residual gold code ("unspecified", "other") is checked against its listed sibling and up to
+      ``max_extra`` further siblings, each ruled out by the modifier it needs, and kept on the
+      quoted evidence;
+    - a past-history finding is dropped.
+
+    So phase-1 length grows with the findings and distractors, phase-2 length with how much
+    checking each gold code needs: the boundary's share of the CoT varies from note to note.
+    Every code carries its short description, as R1-style traces write it.
     """
     gold = [int(g) for g in row["gold"]]
+    gold_set = set(gold)
     evidence = {int(e["label_id"]): e for e in row["evidence"]}
     distractors = {int(d["label_id"]): d["kind"] for d in row["distractors"]}
-    candidates: list[int] = list(gold)
-    reasons: dict[int, str] = {}
-    for g in gold:
-        ev = evidence[g]
-        decisive = list(ev["decisive"])[:3]
-        reasons[g] = (" ".join(decisive) if decisive else " ".join(normalize_text(ev["phrase"]).split()[:3])) + " -> keep"
-    for d, kind in distractors.items():
-        if d not in reasons and len(candidates) < max_candidates:
-            candidates.append(d)
-            reasons[d] = f"{_KIND_EVIDENCE[kind]} -> drop"
-    contrast_of: dict[int, int] = {}
-    for g in gold:  # the closest near-miss of each gold code: the sibling it must be told apart from
-        contrast = int(evidence[g]["contrast"])
-        if contrast >= 0 and contrast not in reasons and len(candidates) < max_candidates:
-            candidates.append(contrast)
-            contrast_of[g] = contrast
-            reasons[contrast] = f"{_near_miss_evidence(labels, contrast, evidence[g]['phrase'])} not noted -> drop"
     findings = sorted([(int(a["start"]), int(a["label_id"])) for a in row["anchors"]] + [(int(d["start"]), int(d["label_id"])) for d in row["distractors"]])
-    order: list[int] = []
+    findings += [(10**9, g) for g in gold if g not in {lab for _, lab in findings}]  # a gold without a span (never in generated notes)
+    mention = lambda c: label_mention(labels, c)  # noqa: E731
+    by_code = lambda ids: sorted(ids, key=lambda c: labels.codes[c])  # noqa: E731
+    phase1: list[str] = []
+    phase2: list[str] = []
+    used: set[int] = set(gold)
+    seen: set[int] = set()
     for _, label in findings:
-        group = sorted([label] + ([contrast_of[label]] if label in contrast_of else []), key=lambda c: labels.codes[c])
-        order += [c for c in group if c in reasons and c not in order]
-    order += [c for c in candidates if c not in order]  # a finding without a span (never in generated notes)
-    lines = ["Candidates: " + ", ".join(labels.codes[c] for c in order) + "."]
-    lines += [f"Check {labels.codes[c]}: {reasons[c]}." for c in order]
-    answer = ", ".join(labels.codes[c] for c in order if c in gold)
-    return "\n".join(lines) + "\n</think>\n<answer>" + answer + "</answer>"
+        if label in seen:
+            continue
+        seen.add(label)
+        if label in gold_set:
+            ev = evidence[label]
+            ranked = [j for j in _ranked_siblings(row, labels, label) if j not in used]
+            group = by_code([label] + ranked[:1])
+            used.update(group)
+            phase1.append("Candidates: " + "; ".join(mention(c) for c in group) + ".")
+            explicit = [w for w in ev["decisive"] if w not in _GENERIC_WORDS]
+            phrase_words = set(normalize_text(ev["phrase"]).split())
+            if explicit or len(group) == 1 and not ranked[1:]:
+                why = " ".join(explicit[:3]) if explicit else f'"{ev["phrase"]}"'
+                phase2.append(f"{PHASE2_MARKER}{mention(label)}: {why} noted -> keep.")
+                continue
+            extra = ranked[1 : 1 + max_extra]
+            used.update(extra)
+            for c in by_code(group + extra):
+                if c == label:
+                    phase2.append(f'{PHASE2_MARKER}{mention(c)}: "{ev["phrase"]}" noted, nothing more specific -> keep.')
+                else:
+                    needs = [w for w in normalize_text(short_description(labels.texts[c])).split() if w not in phrase_words][:4] or ["more detail"]
+                    phase2.append(f"{PHASE2_MARKER}{mention(c)}: needs {' '.join(needs)}, not noted -> drop.")
+        elif label not in used:
+            used.add(label)
+            kind = distractors[label]
+            if kind == "history":
+                phase1.append(f"Candidates: {mention(label)}.")
+                phase2.append(f"{PHASE2_MARKER}{mention(label)}: history only, resolved -> drop.")
+            else:
+                phase1.append(f"Ruled out: {mention(label)} ({_KIND_EVIDENCE[kind]}).")
+    answer = ", ".join(labels.codes[c] for c in dict.fromkeys(label for _, label in findings) if c in gold_set)
+    return "\n".join(phase1 + phase2) + "\n</think>\n<answer>" + answer + "</answer>"
 
 
 def boundary_char(trace_text: str) -> int | None:
     """Character index where checking begins (the true phase boundary), or None."""
-    at = trace_text.find("Check ")
+    at = trace_text.find(PHASE2_MARKER)
+    while at > 0 and trace_text[at - 1] != "\n":
+        at = trace_text.find(PHASE2_MARKER, at + 1)
     return None if at < 0 else at
 
 
 def dictionary_corpus(labels: LabelSpace, repeats: int = 3) -> pd.DataFrame:
     """One-finding mini-notes per label text variant, traced by the teacher: a cheap way to learn
-    each code and the sibling it is told apart from."""
+    each code, its short description and the siblings it is told apart from."""
     from analyses.tasks.labels import text_variants as _variants
-    from analyses.tasks.notes import NoteGenerator, _lower_first
+    from analyses.tasks.notes import NoteGenerator
 
     template = get_template("organism")
     generator = NoteGenerator(labels)
@@ -128,12 +173,14 @@ def dictionary_corpus(labels: LabelSpace, repeats: int = 3) -> pd.DataFrame:
             owners[normalize_text(v)] = owners.get(normalize_text(v), 0) + 1
     prompts, traces = [], []
     for i in range(len(labels)):
-        contrast = generator.near_misses([i])[1].get(i)
+        near, closest = generator.near_misses([i])
+        contrast = closest.get(i)
         for phrase in (v for v in variants[i] if owners[normalize_text(v)] == 1):  # unambiguous only
-            phrase = _lower_first(phrase)
+            phrase = lower_first(phrase)
             prompt, _ = template.render(f"Presents with {phrase}.")
             row = {
                 "gold": [i],
+                "near_miss": near,
                 "evidence": [{"label_id": i, "phrase": phrase, "contrast": -1 if contrast is None else contrast, "decisive": generator.decisive_words(i, contrast, phrase)}],
                 "anchors": [{"label_id": i, "start": len("Presents with "), "end": len("Presents with ") + len(phrase)}],
                 "distractors": [],
@@ -205,19 +252,21 @@ class OrganismConfig:
     chapters: tuple[str, ...] = ORGANISM_LABEL_CHAPTERS
     n_train_docs: int = 40000
     n_eval_docs: int = 200
-    vocab_size: int = 3000
+    vocab_size: int = 4000
     d_model: int = 256
     n_layers: int = 4
     n_heads: int = 8
     n_kv_heads: int = 4
     d_mlp: int = 768
-    max_positions: int = 512
+    # RoPE positions cost nothing; room for the longest prompt plus a full generation budget.
+    max_positions: int = 1024
     batch_size: int = 32
     lr: float = 1.5e-3
     weight_decay: float = 0.05
     warmup_steps: int = 100
     max_steps: int = 6000
-    time_budget_s: float = 50 * 60
+    # The loop's budget; corpus, tokenizer and the held-out check add about 3 minutes (<= 60 in all).
+    time_budget_s: float = 52 * 60
     dictionary_repeats: int = 6
     # bf16 matmuls under autocast (fp32 master weights): 1.65x the steps per second of fp32 on
     # a 2-core AVX512-BF16 CPU, at no cost in loss we could measure.

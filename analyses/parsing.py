@@ -14,9 +14,9 @@ from enum import IntEnum
 
 import numpy as np
 
-from analyses.tasks.labels import LabelSpace, normalize_text, text_variants
+from analyses.tasks.labels import LabelSpace, normalize_text, short_description, text_variants
 
-__all__ = ["Region", "Mention", "ParsedTrace", "TraceParser", "token_char_spans", "GROWTH_GRID"]
+__all__ = ["Region", "Mention", "ParsedTrace", "TraceParser", "token_char_spans", "render_codes", "GROWTH_GRID"]
 
 GROWTH_GRID = np.linspace(0.0, 1.0, 21)
 _WORD = re.compile(r"[A-Za-z0-9]+")
@@ -130,6 +130,23 @@ def token_char_spans(tokenizer, ids: list[int]) -> tuple[str, list[tuple[int, in
     return previous, spans
 
 
+_DESCRIPTION_GAP = re.compile(r"[\s:(\-–,]*")
+
+
+def _merge_described_codes(found: list[tuple[int, int, int, str]], text: str) -> list[tuple[int, int, int, str]]:
+    """A code followed by its own description ("I50.21 acute systolic heart failure", or with a
+    colon, dash or parenthesis between) is one mention spanning both, of kind ``code``."""
+    merged: list[tuple[int, int, int, str]] = []
+    for mention in found:
+        if merged:
+            label, start, end, kind = merged[-1]
+            if kind == "code" and mention[3] == "text" and mention[0] == label and mention[1] >= end and _DESCRIPTION_GAP.fullmatch(text, end, mention[1]):
+                merged[-1] = (label, start, mention[2], "code")
+                continue
+        merged.append(mention)
+    return merged
+
+
 class TraceParser:
     """Finds label mentions and the answer in traces over one label space (build once, reuse)."""
 
@@ -192,7 +209,7 @@ class TraceParser:
                         break
                 i += matched or 1
         found.sort(key=lambda f: (f[1], -f[2]))
-        return found
+        return _merge_described_codes(found, text)
 
     def answer_labels(self, body: str) -> tuple[list[int], list[str]]:
         """Label ids named in an answer body ("I50.22, I10" or label texts), and the unknown items."""
@@ -324,3 +341,25 @@ class TraceParser:
             shortlist_growth=growth,
             problems=problems,
         )
+
+
+def render_codes(text: str, parser: "TraceParser") -> str:
+    """``text`` with every bare label code written as "code short-description" (DESIGN §2).
+
+    A sentence embedder cannot read "I50.21"; real models often write bare codes. A code already
+    followed by its description (as the organism writes it) is left as it is.
+    """
+    labels = parser.labels
+    pieces, last = [], 0
+    for label, start, end, kind in parser.find_mentions(text):
+        if kind != "code" or start < last:
+            continue
+        description = short_description(labels.texts[label])
+        written = [normalize_text(v) for v in text_variants(labels.texts[label], labels.aliases[label])]
+        following = normalize_text(text[end : end + max(len(v) for v in written) + 16])
+        pieces.append(text[last:end])
+        if not any(v and following.startswith(v) for v in written):
+            pieces.append(" " + description)
+        last = end
+    pieces.append(text[last:])
+    return "".join(pieces)

@@ -1,18 +1,33 @@
-"""``ctd patch --run DIR``: causal tests of the phase-1 and phase-2 heads, with controls.
+"""``ctd patch --run DIR``: every head's causal effect, and whether the phase scores point at it.
 
-For each trace, the corrupted prompt swaps the document's anchor tokens for the anchor tokens of an
-unrelated document (one sharing no gold label), token for token, so both runs line up. For each
-score (coarse: phase-1 heads, refine: phase-2 heads), each k and each head set (ranked, random
-draws, lowest-ranked), the heads are patched (denoise: clean into corrupted; noise: corrupted into
-clean) over the teacher-forced prefix, and the model regenerates from the patched point: from the
-phase boundary for phase-1 heads (the checks and the answer are written anew), from the answer
-marker for phase-2 heads. Read-outs: the label margin over the late CoT (teacher-forced), the
-regenerated answer's P@1 and recall against gold, and Focus/Confusion of the regenerated text.
+For each test trace the corrupted prompt swaps the document's anchor tokens for those of an
+unrelated document (no shared gold label), token for token, so clean and corrupted runs line up.
+The chain of thought is teacher-forced in both runs (the clean one), so read-outs sit at the answer:
+
+- ``answer_logprob``: log-probability of each gold answer code (all its tokens), mean over codes;
+- ``answer_margin``: at each gold code, its log-probability minus the strongest near-miss's (at the
+  first token where their tokenisations part), mean over codes;
+- ``p_at_1`` / ``recall``: the answer regenerated greedily from the answer marker (head sets only).
+
+Per trace the clean and corrupt values are stored beside every patched value, so any effect is
+normalised: recovery (denoise) = (patched - corrupt) / (clean - corrupt), damage (noise) =
+(clean - patched) / (clean - corrupt), pooled over traces as a ratio of sums.
+
+What is measured:
+
+1. every head alone, both modes (a batched sweep), at all positions and at each phase's positions;
+2. attribution patching (activation difference x gradient) for every head, checked against the sweep;
+3. heads ranked by CoarseScore and RefineScore on *dev* traces, patched as top-k sets against k
+   random heads outside the top k and the k lowest, on *test* traces (paired differences with CIs);
+4. how well each score predicts each causal map: Spearman and top-k overlap, bootstrap CIs over
+   traces and permutation p-values;
+5. the invariant: every head at every position recovers (and damages) the whole gap.
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,44 +42,162 @@ from analyses.parsing import Region, TraceParser
 from analyses.results import FrameResult
 from analyses.tasks.sources import Dataset
 from probes.errors import input_error
-from probes.heads import label_margin
-from probes.patching import collect_head_activations, control_head_sets, ks_for, patched_generate, patched_logits
+from probes.patching import (
+    HeadSet,
+    PatchInputs,
+    TokenReadout,
+    attribution_patching,
+    control_head_sets,
+    head_set_effects,
+    head_masks,
+    head_sweep,
+    ks_for_heads,
+    normalised_effect,
+    patch_hooks,
+)
 
-__all__ = ["PatchingResult", "patch_run", "corrupt_prompt"]
+__all__ = ["PatchingResult", "PatchSettings", "patch_run", "corrupt_prompt", "answer_readouts", "READOUTS"]
+
+READOUTS = ("answer_logprob", "answer_margin")
+GENERATED = ("p_at_1", "recall")
+EFFECT_NAME = {"denoise": "recovery", "noise": "damage"}
+
+
+@dataclass
+class PatchSettings:
+    """Settings of the patch stage.
+
+    Attributes:
+        n_docs: test traces patched (well-formed, with anchors and a gold code in the answer).
+        n_random: random head sets per k (drawn outside the ranked top k).
+        what: ``z`` (head outputs) or ``pattern`` (attention patterns, as the published analysis).
+        sweep_positions: position sets of the per-head sweep: ``all``, ``phase1`` (CoT before the
+            boundary), ``phase2`` (CoT from the boundary on).
+        sweep: one head at a time (exact); off for models too large to sweep (attribution only).
+        regenerate: read the regenerated answer for the head sets (a greedy loop per set).
+        batch_size: traces per forward.
+    """
+
+    n_docs: int = 40
+    n_random: int = 3
+    what: str = "z"
+    sweep_positions: tuple[str, ...] = ("all", "phase1", "phase2")
+    sweep: bool = True
+    regenerate: bool = True
+    batch_size: int = 40
+    n_boot: int = 1000
+    n_permutations: int = 2000
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "PatchSettings":
+        return cls(n_docs=8, n_random=2, sweep_positions=("all",), n_boot=200, n_permutations=500)
 
 
 class PatchingResult(FrameResult):
-    """``mode``, ``score``, ``k``, ``head_set``, ``metric``, ``value`` per trace (``doc_id``) and summary rows
-    (``doc_id`` null) with ``ci_low``/``ci_high``."""
+    """Long table; ``analysis`` says what a row is:
 
-    REQUIRED = ("doc_id", "mode", "score", "k", "head_set", "metric", "value", "ci_low", "ci_high")
+    - ``baseline``: per trace ``clean`` and ``corrupt`` values of each read-out;
+    - ``sweep`` / ``attribution``: per head (``layer``, ``head``), ``mode``, ``positions`` and
+      read-out: per trace ``patched`` (sweep; attribution: ``corrupt``/``clean`` plus the linear
+      estimate) and ``effect`` (recovery or damage); summary rows (``doc_id`` null) pool traces
+      (ratio of sums) with ``ci_low``/``ci_high``;
+    - ``head_set``: ``score``, ``k``, ``head_set`` (ranked, random-i, lowest), same columns;
+    - ``all_heads``: the invariant (every head, every position);
+    - ``ranked_minus_random`` / ``ranked_minus_lowest``: paired differences of effects per k;
+    - ``correlation``: ``score`` against a causal map (``mode``, ``readout``): ``metric``
+      (spearman, top_k_overlap@k) with CI and ``p_value``;
+    - ``agreement``: Spearman between attribution and the sweep per mode and read-out.
+    """
+
+    REQUIRED = ("doc_id", "analysis", "mode", "readout", "value", "ci_low", "ci_high")
 
     @property
     def summary(self) -> pd.DataFrame:
         return self.frame[self.frame["doc_id"].isna()]
 
-    def figure(self, metric: str = "margin") -> go.Figure:
-        s = self.summary[self.summary["metric"] == metric].copy()
-        s["family"] = s["head_set"].str.replace(r"-\d+$", "", regex=True)
-        s = s.groupby(["mode", "score", "k", "family"], as_index=False).agg(value=("value", "mean"), ci_low=("ci_low", "mean"), ci_high=("ci_high", "mean"))
-        panels = [(m, sc) for m in ("denoise", "noise") for sc in ("coarse", "refine")]
-        fig = make_subplots(rows=2, cols=2, subplot_titles=[f"{m}: {'phase-1 (coarse)' if sc == 'coarse' else 'phase-2 (refine)'} heads" for m, sc in panels], shared_yaxes=True)
-        colours = {"ranked": PALETTE[0], "random": PALETTE[1], "lowest": PALETTE[2]}
-        for i, (mode, score) in enumerate(panels):
-            r, c = divmod(i, 2)
-            for family, colour in colours.items():
-                g = s[(s["mode"] == mode) & (s["score"] == score) & (s["family"] == family)].sort_values("k")
+    def head_effects(self, analysis: str = "sweep", readout: str = "answer_logprob", positions: str = "all") -> pd.DataFrame:
+        s = self.summary
+        return s[(s["analysis"] == analysis) & (s["readout"] == readout) & (s["positions"] == positions)]
+
+    def correlations(self) -> pd.DataFrame:
+        return self.summary[self.summary["analysis"] == "correlation"]
+
+    def figure(self, readout: str = "answer_logprob") -> go.Figure:
+        """The causal map (layer x head, both modes) beside the CoarseScore and RefineScore maps."""
+        effects = self.head_effects("sweep", readout)
+        if effects.empty:
+            effects = self.head_effects("attribution", readout)
+        scores = pd.DataFrame(self.meta.get("dev_scores", []))
+        titles = [f"{EFFECT_NAME[m]} when patched alone ({m})" for m in ("denoise", "noise")] + ["CoarseScore (dev traces)", "RefineScore (dev traces)"]
+        fig = make_subplots(rows=1, cols=4, subplot_titles=titles, horizontal_spacing=0.07)
+        for c, mode in enumerate(("denoise", "noise"), start=1):
+            g = effects[effects["mode"] == mode]
+            if g.empty:
+                continue
+            table = g.pivot_table(index="layer", columns="head", values="value")
+            fig.add_trace(go.Heatmap(z=table.values, x=[f"H{h}" for h in table.columns], y=[f"L{l}" for l in table.index], coloraxis="coloraxis", hovertemplate="%{y}%{x}: %{z:.3f}<extra></extra>"), row=1, col=c)
+        for c, score in ((3, "coarse"), (4, "refine")):
+            if scores.empty:
+                continue
+            g = scores[scores["score"] == score]
+            table = g.pivot_table(index="layer", columns="head", values="value")
+            fig.add_trace(go.Heatmap(z=table.values, x=[f"H{h}" for h in table.columns], y=[f"L{l}" for l in table.index], coloraxis="coloraxis2", hovertemplate="%{y}%{x}: %{z:.3f}<extra></extra>"), row=1, col=c)
+        fig = themed(fig, f"Causal map ({readout.replace('_', ' ')}, {self.meta.get('what', 'z')}, test traces) beside the phase scores (dev traces)", "head", "layer")
+        fig.update_layout(
+            width=1300, height=430,
+            coloraxis=dict(colorscale="RdBu", cmid=0, colorbar=dict(title="effect", x=0.47)),
+            coloraxis2=dict(colorscale="Viridis", colorbar=dict(title="score", x=1.0)),
+        )
+        return fig
+
+    def scatter_figure(self, readout: str = "answer_logprob") -> go.Figure:
+        """Each head's score (dev) against its causal effect (test), with Spearman ρ and its CI."""
+        effects = self.head_effects("sweep", readout)
+        if effects.empty:
+            effects = self.head_effects("attribution", readout)
+        scores = pd.DataFrame(self.meta.get("dev_scores", []))
+        corr = self.correlations()
+        panels = [(s, m) for s in ("coarse", "refine") for m in ("denoise", "noise")]
+        titles = []
+        for score, mode in panels:
+            r = corr[(corr["score"] == score) & (corr["mode"] == mode) & (corr["readout"] == readout) & (corr["metric"] == "spearman")]
+            titles.append(f"{score} vs {EFFECT_NAME[mode]}: ρ = {r['value'].iloc[0]:.2f} [{r['ci_low'].iloc[0]:.2f}, {r['ci_high'].iloc[0]:.2f}], p = {r['p_value'].iloc[0]:.3f}" if len(r) else f"{score} vs {mode}")
+        fig = make_subplots(rows=1, cols=4, subplot_titles=titles, horizontal_spacing=0.06)
+        for c, (score, mode) in enumerate(panels, start=1):
+            if scores.empty:
+                continue
+            e = effects[effects["mode"] == mode][["layer", "head", "value"]].rename(columns={"value": "effect"})
+            s = scores[scores["score"] == score][["layer", "head", "value"]]
+            m = e.merge(s, on=["layer", "head"])
+            fig.add_trace(go.Scatter(x=m["value"], y=m["effect"], mode="markers", marker=dict(color=PALETTE[0] if score == "coarse" else PALETTE[3], size=8), text=[f"L{l}H{h}" for l, h in zip(m["layer"], m["head"])], hovertemplate="%{text}: score %{x:.3f}, effect %{y:.3f}<extra></extra>", showlegend=False), row=1, col=c)
+        fig = themed(fig, f"Do the phase scores find the causal heads? ({readout.replace('_', ' ')}; one dot per head)", "score on dev traces", "effect on test traces (fraction of the gap)")
+        fig.update_annotations(font_size=11)
+        fig.update_layout(width=1400, height=430)
+        return fig
+
+    def ranked_figure(self, readout: str = "answer_logprob") -> go.Figure:
+        """Top-k heads by score minus k random heads (outside the top k), against k, with CIs."""
+        s = self.summary[(self.summary["analysis"] == "ranked_minus_random") & (self.summary["readout"] == readout)]
+        fig = make_subplots(rows=1, cols=2, subplot_titles=[f"{m}: {EFFECT_NAME[m]}" for m in ("denoise", "noise")], shared_yaxes=True)
+        for c, mode in enumerate(("denoise", "noise"), start=1):
+            for score, colour in (("coarse", PALETTE[0]), ("refine", PALETTE[3])):
+                g = s[(s["mode"] == mode) & (s["score"] == score)].sort_values("k")
                 if g.empty:
                     continue
                 fig.add_trace(
-                    go.Scatter(x=g["k"], y=g["value"], mode="lines+markers", name={"ranked": "top-k by score", "random": "k random heads", "lowest": "k lowest-ranked"}[family], line=dict(color=colour), showlegend=i == 0,
+                    go.Scatter(x=g["k"], y=g["value"], mode="lines+markers", name=f"top-k by {score.capitalize()}Score − random", line=dict(color=colour), showlegend=c == 1,
                                error_y=dict(type="data", symmetric=False, array=g["ci_high"] - g["value"], arrayminus=g["value"] - g["ci_low"])),
-                    row=r + 1, col=c + 1,
+                    row=1, col=c,
                 )
-        label = {"margin": "gold − near-miss log-prob margin (nats)", "p_at_1": "answer P@1", "recall": "answer recall", "focus": "Focus of regenerated CoT", "confusion": "Confusion of regenerated CoT"}.get(metric, metric)
-        fig = themed(fig, f"Head patching: {label} by number of patched heads (95% CI)", "heads patched (k)", label)
-        fig.update_layout(width=1000, height=700)
+            fig.add_hline(y=0, line=dict(color="#999", dash="dot"), row=1, col=c)
+        fig = themed(fig, f"Ranked heads against random heads ({readout.replace('_', ' ')}; paired over traces, 95% CI)", "heads patched (k)", "effect difference (fraction of the gap)")
+        fig.update_layout(width=1000, height=450)
         return fig
+
+
+# ------------------------------------------------------------------------------------------------
+# corruption and read-outs
 
 
 def corrupt_prompt(prompt_ids: list[int], regions: np.ndarray, donor_anchor_tokens: list[int]) -> tuple[list[int], list[int]]:
@@ -83,121 +216,370 @@ def _anchor_tokens(trace) -> list[int]:
     return [int(trace.prompt_ids[i]) for i in range(len(trace.prompt_ids)) if regions[i] == int(Region.ANCHOR)]
 
 
-def patch_run(
-    run_dir: str | Path,
-    n_docs: int = 10,
-    ks: tuple[int, ...] = (3, 8, 16, 40, 100),
-    n_random: int = 2,
-    seed: int = 0,
-    n_boot: int = 500,
-    progress: bool = True,
-    model=None,
-    manifest: Manifest | None = None,
-) -> PatchingResult:
+def _find(haystack: list[int], needle: list[int], start: int, end: int) -> int:
+    for i in range(start, end - len(needle) + 1):
+        if haystack[i : i + len(needle)] == needle:
+            return i
+    return -1
+
+
+def _code_variants(tokenizer, code: str) -> list[list[int]]:
+    return [v for v in dict.fromkeys(tuple(tokenizer.encode(t, add_special_tokens=False)) for t in (code, " " + code)) if v]
+
+
+def answer_readouts(tokenizer, labels, ids: list[int], regions: np.ndarray, gold: list[int], near: list[int]) -> dict[str, list]:
+    """The items of each teacher-forced read-out for one trace (see the module docstring)."""
+    answer = np.flatnonzero(np.asarray(regions) == int(Region.ANSWER))
+    logprob_items, margin_items = [], []
+    if len(answer) == 0:
+        return {"answer_logprob": [], "answer_margin": []}
+    a0, a1 = int(answer[0]), int(answer[-1]) + 1
+    near_tokens = {n: _code_variants(tokenizer, labels.codes[n]) for n in near}
+    for g in gold:
+        for variant in _code_variants(tokenizer, labels.codes[g]):
+            s = _find(ids, list(variant), a0, a1 + 1)
+            if s < 1:
+                continue
+            positions = tuple(range(s - 1, s - 1 + len(variant)))
+            logprob_items.append((positions, tuple(variant), ()))
+            groups: dict[int, list[tuple[int, ...]]] = {}
+            for n, variants in near_tokens.items():
+                other = next((v for v in variants if len(v) and v[0] == variant[0]) if len(variant) > 1 else iter(()), None) or next((v for v in variants if len(v) == len(variant)), None)
+                if other is None:
+                    continue
+                i = next((j for j, (a, b) in enumerate(zip(variant, other)) if a != b), None)
+                if i is not None:
+                    groups.setdefault(i, []).append((other[i],))
+            for i, competitors in sorted(groups.items()):
+                margin_items.append(((s - 1 + i,), (variant[i],), tuple(dict.fromkeys(competitors))))
+            break
+    return {"answer_logprob": logprob_items, "answer_margin": margin_items}
+
+
+# ------------------------------------------------------------------------------------------------
+# regeneration under a patch
+
+
+def _regenerate(bridge, inputs: PatchInputs, tokens: torch.Tensor, prefix_lengths: np.ndarray, hooks_for, max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
+    """Greedy continuation of each trace's prefix (its first ``prefix_lengths[b]`` tokens) with the
+    patch applied to the prefix positions only; a full forward per step (answers are short)."""
+    pad = bridge.tokenizer.pad_token_id if bridge.tokenizer.pad_token_id is not None else 0
+    rows = [tokens[b, inputs.offsets[b] : inputs.offsets[b] + int(prefix_lengths[b])].tolist() for b in range(tokens.shape[0])]
+    width0 = max(len(r) for r in rows)
+    generated: list[list[int]] = [[] for _ in rows]
+    done = np.zeros(len(rows), dtype=bool)
+    for step in range(max_new_tokens):
+        seqs = [r + g for r, g in zip(rows, generated)]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        offsets = np.zeros(len(seqs), dtype=np.int64)
+        for b, s in enumerate(seqs):
+            offsets[b] = width - len(s)
+            ids[b, offsets[b] :] = torch.as_tensor(s)
+            mask[b, offsets[b] :] = 1
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        hooks = hooks_for(offsets, width)
+        with torch.no_grad():
+            logits = bridge.run_with_hooks(ids, attention_mask=mask, position_ids=position_ids, fwd_hooks=hooks)
+        nxt = logits[:, -1].argmax(-1).tolist()
+        for b, t in enumerate(nxt):
+            if not done[b]:
+                generated[b].append(int(t))
+                done[b] = int(t) in stop_ids
+        if done.all():
+            break
+    return generated
+
+
+def _shifted_source(source: dict[int, torch.Tensor], inputs: PatchInputs, offsets: np.ndarray, width: int, prefix_lengths: np.ndarray) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """Re-pad the z source of each trace's prefix to a new left-padded width; and the prefix mask."""
+    out = {}
+    mask = torch.zeros((len(offsets), width), dtype=torch.bool)
+    for layer, acts in source.items():
+        new = torch.zeros((acts.shape[0], width, *acts.shape[2:]), dtype=acts.dtype)
+        for b in range(acts.shape[0]):
+            n = int(prefix_lengths[b])
+            new[b, offsets[b] : offsets[b] + n] = acts[b, inputs.offsets[b] : inputs.offsets[b] + n]
+            mask[b, offsets[b] : offsets[b] + n] = True
+        out[layer] = new
+    return out, mask
+
+
+# ------------------------------------------------------------------------------------------------
+# statistics
+
+
+def _pooled(mode: str, clean: np.ndarray, corrupt: np.ndarray, patched: np.ndarray, idx: np.ndarray) -> float:
+    gap = np.nansum(clean[idx] - corrupt[idx])
+    change = np.nansum(patched[idx] - corrupt[idx]) if mode == "denoise" else np.nansum(clean[idx] - patched[idx])
+    return float(change / gap) if gap != 0 else float("nan")
+
+
+def _boot_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _ci(draws: np.ndarray) -> tuple[float, float]:
+    draws = draws[np.isfinite(draws)]
+    return (float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))) if len(draws) else (float("nan"), float("nan"))
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import spearmanr
+
+    ok = np.isfinite(a) & np.isfinite(b)
+    return float(spearmanr(a[ok], b[ok]).statistic) if ok.sum() > 2 else float("nan")
+
+
+# ------------------------------------------------------------------------------------------------
+# the stage
+
+
+def _phase_positions(trace, tau: int) -> dict[str, list[int]]:
+    cot_start, cot_end = int(trace.cot_start), int(trace.cot_end)
+    n = len(trace.prompt_ids) + len(trace.output_ids)
+    return {"all": list(range(n)), "phase1": list(range(cot_start, tau)), "phase2": list(range(tau, cot_end))}
+
+
+def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), progress: bool = True, model=None, manifest: Manifest | None = None) -> PatchingResult:
+    """Every head's causal effect on the run's test traces and the scores' agreement with it.
+
+    Args:
+        run_dir: a run with traces, boundary and (dev) head scores.
+        settings: :class:`PatchSettings`.
+    """
     from tqdm.auto import tqdm
 
-    from analyses.characterize import _margin_pairs
-    from analyses.embed import embed_texts
-    from analyses.tasks.metrics import bootstrap_ci
     from probes.models import load_model
 
     run_dir = Path(run_dir)
     manifest = Manifest.for_stage(run_dir, manifest)
     model_path = manifest.model_path()
-    scores = read_parquet(run_dir / "head_scores.parquet", required=("layer", "head", "score", "rank"))
+    dev_scores_path = run_dir / "dev_head_scores.parquet"
+    ranked_on = "dev" if dev_scores_path.exists() else "test"
+    scores = read_parquet(dev_scores_path if ranked_on == "dev" else run_dir / "head_scores.parquet", required=("layer", "head", "score", "value", "rank"))
     boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))
     traces = read_parquet(run_dir / "traces.parquet")
     dataset = Dataset.load(run_dir)
     labels, by_id = dataset.labels, dataset.docs.set_index("doc_id")
     bridge = model if model is not None else load_model(model_path)
     tok = bridge.tokenizer
-    template_close = "\n</think>\n<answer>"
-    parser = TraceParser(labels)
-    tau = boundary[boundary["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
-    usable = traces[traces["well_formed"] & traces["doc_id"].isin(tau)]
-    usable = usable[[bool(_anchor_tokens(t)) for t in usable.itertuples()]].head(n_docs)
-    if usable.empty:
-        raise input_error(run_dir / "traces.parquet", "no well-formed trace with anchors to patch", "generate more traces")
-    donors = list(traces.itertuples())
     n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
-    ranking = {s: [(int(r.layer), int(r.head)) for r in scores[scores["score"] == s].sort_values("rank").itertuples()] for s in ("coarse", "refine")}
-    ks_used = ks_for(n_layers * n_heads, ks)
-    rows = []
-    rng = np.random.default_rng(seed)
-    bar = tqdm(total=len(usable), desc="patch", disable=not progress, file=sys.stderr)
-    for trace in usable.itertuples():
-        doc = by_id.loc[trace.doc_id]
-        gold = set(int(g) for g in doc["gold"])
-        near = [int(n) for n in doc["near_miss"]]
-        donor_pool = [d for d in donors if d.doc_id != trace.doc_id and not gold & set(int(g) for g in by_id.loc[d.doc_id]["gold"]) and _anchor_tokens(d)]
-        donor = donor_pool[int(rng.integers(len(donor_pool)))]
-        clean_prompt = list(trace.prompt_ids)
-        corrupted_prompt, _ = corrupt_prompt(clean_prompt, np.asarray(trace.regions), _anchor_tokens(donor))
-        output = list(trace.output_ids)
-        cot_len = int(trace.cot_end) - int(trace.cot_start)
-        runs = {"clean": torch.tensor([clean_prompt + output]), "corrupt": torch.tensor([corrupted_prompt + output])}
-        acts = {name: collect_head_activations(bridge, ids, range(n_layers)) for name, ids in runs.items()}
-        boundary_offset = int(tau[trace.doc_id]) - int(trace.cot_start)
-        late = list(range(int(tau[trace.doc_id]), int(trace.cot_end)))
-        pairs = _margin_pairs(tok, labels, sorted(gold), near)
-        close_ids = tok.encode(template_close, add_special_tokens=False)
-        near_vec = None
-        regenerated_texts = []
-        keys = []
-        for mode, (target, source) in {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}.items():
-            for score in ("coarse", "refine"):
-                if not ranking[score]:
-                    continue
-                for k in ks_used:
-                    for head_set in control_head_sets(ranking[score], k, n_random=n_random, seed=seed):
-                        ids = runs[target]
-                        logits = patched_logits(bridge, ids, head_set.heads, acts[source], range(ids.shape[1]))
-                        margin = float(label_margin(torch.log_softmax(logits[late].float(), -1), pairs).mean()) if pairs and late else float("nan")
-                        prompt = clean_prompt if target == "clean" else corrupted_prompt
-                        if score == "coarse":
-                            prefix = prompt + output[:boundary_offset]
-                            budget = cot_len - boundary_offset + 24
-                        else:
-                            prefix = prompt + output[:cot_len] + close_ids
-                            budget = 24
-                        prefix_t = torch.tensor([prefix])
-                        new = patched_generate(bridge, prefix_t, head_set.heads, acts[source], range(len(prefix)), max_new_tokens=budget, eos_token_id=tok.eos_token_id)
-                        text = tok.decode((output[:boundary_offset] if score == "coarse" else output[:cot_len] + close_ids) + new, skip_special_tokens=False)
-                        answer = parser.answer_of(text)
-                        p1 = float(bool(answer) and answer[0] in gold)
-                        recall = len(set(answer) & gold) / len(gold) if gold else 0.0
-                        base = {"doc_id": trace.doc_id, "mode": mode, "score": score, "k": k, "head_set": head_set.name}
-                        rows += [{**base, "metric": "margin", "value": margin}, {**base, "metric": "p_at_1", "value": p1}, {**base, "metric": "recall", "value": recall}]
-                        regenerated_texts.append(text.split("</think>")[0])
-                        keys.append(base)
-        vectors = embed_texts(regenerated_texts + [doc["text"]] + [labels.texts[j] for j in near])
-        doc_vec = vectors[len(regenerated_texts)]
-        if near:
-            near_vec = vectors[len(regenerated_texts) + 1 :].mean(0)
-            near_vec /= np.linalg.norm(near_vec) + 1e-12
-        for base, vec in zip(keys, vectors[: len(regenerated_texts)]):
-            rows.append({**base, "metric": "focus", "value": float(vec @ doc_vec)})
-            rows.append({**base, "metric": "confusion", "value": float(vec @ near_vec) if near_vec is not None else float("nan")})
-        bar.update(1)
-    bar.close()
-    frame = pd.DataFrame(rows)
-    frame["ci_low"] = np.nan
-    frame["ci_high"] = np.nan
-    summary = []
-    for key, group in frame.groupby(["mode", "score", "k", "head_set", "metric"]):
-        values = group["value"].dropna().to_numpy()
-        if len(values) == 0:
+    tau = boundary[boundary["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
+    truth = {str(t.doc_id): int(t.true_boundary) for t in traces.itertuples() if not pd.isna(t.true_boundary)}
+    phase_tau = {d: truth.get(d, int(t)) for d, t in tau.items()}
+
+    # Traces to patch, each with a donor and read-out items.
+    candidates = traces[traces["well_formed"] & traces["doc_id"].isin(tau)]
+    rng = np.random.default_rng(settings.seed)
+    chosen, clean_seqs, corrupt_seqs, items = [], [], [], {r: [] for r in READOUTS}
+    donors = [d for d in traces.itertuples() if _anchor_tokens(d)]
+    for trace in candidates.itertuples():
+        if len(chosen) == settings.n_docs:
+            break
+        anchors = _anchor_tokens(trace)
+        if not anchors:
             continue
-        mean, lo, hi = bootstrap_ci(values, n_boot=n_boot, seed=seed)
-        summary.append(dict(zip(["mode", "score", "k", "head_set", "metric"], key), doc_id=None, value=mean, ci_low=lo, ci_high=hi))
-    frame = pd.concat([frame, pd.DataFrame(summary)], ignore_index=True)
+        doc = by_id.loc[trace.doc_id]
+        gold = [int(g) for g in doc["gold"] if int(g) in set(int(a) for a in trace.answer)]
+        near = [int(n) for n in doc["near_miss"]] if doc["near_miss"] is not None else []
+        ids = list(trace.prompt_ids) + list(trace.output_ids)
+        readouts = answer_readouts(tok, labels, ids, np.asarray(trace.regions), gold, near)
+        if not readouts["answer_logprob"]:
+            continue
+        gold_all = set(int(g) for g in doc["gold"])
+        pool = [d for d in donors if d.doc_id != trace.doc_id and not gold_all & set(int(g) for g in by_id.loc[d.doc_id]["gold"])]
+        donor = pool[int(rng.integers(len(pool)))]
+        corrupted, _ = corrupt_prompt(list(trace.prompt_ids), np.asarray(trace.regions), _anchor_tokens(donor))
+        chosen.append(trace)
+        clean_seqs.append(ids)
+        corrupt_seqs.append(corrupted + list(trace.output_ids))
+        for r in READOUTS:
+            items[r].append(readouts[r])
+    if not chosen:
+        raise input_error(run_dir / "traces.parquet", "no well-formed trace with anchors and a gold code in its answer", "generate more traces (ctd traces --n-docs)")
+    doc_ids = [str(t.doc_id) for t in chosen]
+    n = len(chosen)
+    parser = TraceParser(labels)
+    answer_open = tok.encode(parser.answer_open, add_special_tokens=False)
+    stop_ids = set(tok.encode(parser.answer_close, add_special_tokens=False)[:1]) | {tok.eos_token_id}
+
+    rows: list[dict] = []
+    per_trace: dict[tuple, dict[str, np.ndarray]] = {}  # (analysis, mode, positions, readout, layer, head, score, k, set) -> patched
+    baselines = {r: {"clean": np.zeros(n), "corrupt": np.zeros(n)} for r in READOUTS + GENERATED}
+    batches = [list(range(b, min(b + settings.batch_size, n))) for b in range(0, n, settings.batch_size)]
+    heads_all = [(l, h) for l in range(n_layers) for h in range(n_heads)]
+    ranking = {s: [(int(r.layer), int(r.head)) for r in scores[scores["score"] == s].sort_values("rank").itertuples()] for s in ("coarse", "refine")}
+    ks = ks_for_heads(n_layers * n_heads)
+    head_sets = [(score, hs) for score in ("coarse", "refine") if ranking[score] for k in ks for hs in control_head_sets(ranking[score], k, settings.n_random, settings.seed)]
+    all_heads = [("", HeadSet("all", n_layers * n_heads, tuple(heads_all)))]
+    sweep_sets = settings.sweep_positions if settings.sweep else ()
+    attribution = {}
+    bar = tqdm(total=len(batches) * (len(sweep_sets) * len(heads_all) + len(head_sets) + 2), desc="patch", disable=not progress, file=sys.stderr)
+
+    def store(key: tuple, batch: list[int], values: dict[str, np.ndarray]) -> None:
+        for r, v in values.items():
+            per_trace.setdefault(key + (r,), np.full(n, np.nan))[batch] = v
+
+    for batch in batches:
+        inputs = PatchInputs.from_sequences([clean_seqs[i] for i in batch], [corrupt_seqs[i] for i in batch], tok.pad_token_id if tok.pad_token_id is not None else 0)
+        readouts = [TokenReadout(r, [items[r][i] for i in batch]) for r in READOUTS]
+        positions = {name: inputs.position_mask([_phase_positions(chosen[i], phase_tau[doc_ids[i]])[name] for i in batch]) for name in ("all", "phase1", "phase2")}
+        runs, _ = head_set_effects(bridge, inputs, readouts, [], positions["all"], settings.what)
+        for r in READOUTS:
+            baselines[r]["clean"][batch] = runs.clean[r]
+            baselines[r]["corrupt"][batch] = runs.corrupt[r]
+        # the invariant and the head sets
+        _, effects = head_set_effects(bridge, inputs, readouts, [heads_all], positions["all"], settings.what, runs)
+        for mode, values in effects[0].items():
+            store(("all_heads", mode, "all", -1, -1, "", n_layers * n_heads, "all"), batch, values)
+        _, effects = head_set_effects(bridge, inputs, readouts, [hs.heads for _, hs in head_sets], positions["all"], settings.what, runs)
+        for (score, hs), per_mode in zip(head_sets, effects):
+            for mode, values in per_mode.items():
+                store(("head_set", mode, "all", -1, -1, score, hs.k, hs.name), batch, values)
+        bar.update(len(head_sets) + 1)
+        for name in sweep_sets:
+            _, sweep = head_sweep(bridge, inputs, readouts, positions[name], settings.what, runs=runs)
+            for (layer, head, mode), values in sweep.items():
+                store(("sweep", mode, name, layer, head, "", 1, ""), batch, values)
+            bar.update(len(heads_all))
+        estimates = attribution_patching(bridge, inputs, readouts, positions["all"], settings.what)
+        for (mode, r), est in estimates.items():
+            base = runs.corrupt[r] if mode == "denoise" else runs.clean[r]
+            for layer, head in heads_all:
+                per_trace.setdefault(("attribution", mode, "all", layer, head, "", 1, "", r), np.full(n, np.nan))[batch] = base + est[:, layer, head].numpy()
+        bar.update(1)
+        if settings.regenerate and settings.what == "z":
+            prefix = np.array([_find(clean_seqs[i], answer_open, len(chosen[k].prompt_ids), len(clean_seqs[i])) + len(answer_open) for k, i in enumerate(batch)])
+            gold_sets = [set(int(g) for g in by_id.loc[doc_ids[i]]["gold"]) for i in batch]
+
+            def generated_metrics(tokens_run: str, patch=None) -> dict[str, np.ndarray]:
+                def hooks_for(offsets, width):
+                    if patch is None:
+                        return []
+                    source, masks = patch
+                    shifted, prefix_mask = _shifted_source(runs.acts[source], inputs, offsets, width, prefix)
+                    return patch_hooks(shifted, masks, prefix_mask, "z", prefix_length=None)
+
+                new = _regenerate(bridge, inputs, getattr(inputs, tokens_run), prefix, hooks_for, 24, stop_ids)
+                answers = [parser.answer_labels(tok.decode(g, skip_special_tokens=True).split(parser.answer_close)[0])[0] for g in new]
+                p1 = np.array([float(bool(a) and a[0] in gs) for a, gs in zip(answers, gold_sets)])
+                rec = np.array([len(set(a) & gs) / max(len(gs), 1) for a, gs in zip(answers, gold_sets)])
+                return {"p_at_1": p1, "recall": rec}
+
+            for run_name in ("clean", "corrupt"):
+                for r, v in generated_metrics(run_name).items():
+                    baselines[r][run_name][batch] = v
+            for score, hs in head_sets + all_heads:
+                masks = head_masks(hs.heads, n_layers, n_heads)
+                for mode, (target, source) in {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}.items():
+                    values = generated_metrics(target, (source, masks))
+                    key = ("all_heads", mode, "all", -1, -1, "", n_layers * n_heads, "all") if hs.name == "all" else ("head_set", mode, "all", -1, -1, score, hs.k, hs.name)
+                    store(key, batch, values)
+    bar.close()
+
+    # per-trace rows and pooled summaries
+    boot = _boot_indices(n, settings.n_boot, settings.seed)
+    for r in READOUTS + GENERATED:
+        if not settings.regenerate and r in GENERATED:
+            continue
+        for i, d in enumerate(doc_ids):
+            rows.append({"doc_id": d, "analysis": "baseline", "mode": "", "positions": "all", "readout": r, "layer": -1, "head": -1, "score": "", "k": 0, "head_set": "", "clean": baselines[r]["clean"][i], "corrupt": baselines[r]["corrupt"][i], "patched": np.nan, "effect": np.nan, "value": baselines[r]["clean"][i] - baselines[r]["corrupt"][i], "ci_low": np.nan, "ci_high": np.nan})
+        gap = baselines[r]["clean"] - baselines[r]["corrupt"]
+        lo, hi = _ci(np.array([np.nanmean(gap[idx]) for idx in boot]))
+        rows.append({"doc_id": None, "analysis": "baseline", "mode": "", "positions": "all", "readout": r, "layer": -1, "head": -1, "score": "", "k": 0, "head_set": "", "clean": float(np.nanmean(baselines[r]["clean"])), "corrupt": float(np.nanmean(baselines[r]["corrupt"])), "patched": np.nan, "effect": np.nan, "value": float(np.nanmean(gap)), "ci_low": lo, "ci_high": hi})
+    pooled: dict[tuple, np.ndarray] = {}
+    for key, patched in per_trace.items():
+        analysis, mode, positions_name, layer, head, score, k, set_name, r = key
+        clean, corrupt = baselines[r]["clean"], baselines[r]["corrupt"]
+        effect = normalised_effect(mode, clean, corrupt, patched)
+        base = {"analysis": analysis, "mode": mode, "positions": positions_name, "readout": r, "layer": layer, "head": head, "score": score, "k": k, "head_set": set_name}
+        for i, d in enumerate(doc_ids):
+            rows.append({**base, "doc_id": d, "clean": clean[i], "corrupt": corrupt[i], "patched": patched[i], "effect": effect[i], "value": effect[i], "ci_low": np.nan, "ci_high": np.nan})
+        draws = np.array([_pooled(mode, clean, corrupt, patched, idx) for idx in boot])
+        pooled[key] = draws
+        lo, hi = _ci(draws)
+        rows.append({**base, "doc_id": None, "clean": float(np.nanmean(clean)), "corrupt": float(np.nanmean(corrupt)), "patched": float(np.nanmean(patched)), "effect": np.nan, "value": _pooled(mode, clean, corrupt, patched, np.arange(n)), "ci_low": lo, "ci_high": hi})
+
+    def effect_of(key: tuple, idx: np.ndarray) -> float:
+        *_, r = key
+        return _pooled(key[1], baselines[r]["clean"], baselines[r]["corrupt"], per_trace[key], idx)
+
+    # ranked against random and lowest, paired over traces
+    for r in READOUTS + (GENERATED if settings.regenerate else ()):
+        for mode in ("denoise", "noise"):
+            for score in ("coarse", "refine"):
+                for k in ks:
+                    ranked_key = ("head_set", mode, "all", -1, -1, score, k, "ranked", r)
+                    if ranked_key not in per_trace:
+                        continue
+                    random_keys = [("head_set", mode, "all", -1, -1, score, k, f"random-{d}", r) for d in range(settings.n_random)]
+                    lowest_key = ("head_set", mode, "all", -1, -1, score, k, "lowest", r)
+                    for name, others in (("ranked_minus_random", random_keys), ("ranked_minus_lowest", [lowest_key])):
+                        def diff(idx, others=others):
+                            return effect_of(ranked_key, idx) - np.mean([effect_of(o, idx) for o in others])
+
+                        lo, hi = _ci(np.array([diff(idx) for idx in boot]))
+                        rows.append({"doc_id": None, "analysis": name, "mode": mode, "positions": "all", "readout": r, "layer": -1, "head": -1, "score": score, "k": k, "head_set": "", "clean": np.nan, "corrupt": np.nan, "patched": np.nan, "effect": np.nan, "value": diff(np.arange(n)), "ci_low": lo, "ci_high": hi})
+
+    # scores against causal maps; attribution against the sweep
+    causal = "sweep" if settings.sweep else "attribution"
+    score_values = {s: np.array([float(scores[(scores["score"] == s) & (scores["layer"] == l) & (scores["head"] == h)]["value"].iloc[0]) if ranking[s] else np.nan for l, h in heads_all]) for s in ("coarse", "refine")}
+    perm_rng = np.random.default_rng(settings.seed + 1)
+    for r in READOUTS:
+        for mode in ("denoise", "noise"):
+            keys = [(causal, mode, "all", l, h, "", 1, "", r) for l, h in heads_all]
+            if not all(k in per_trace for k in keys):
+                continue
+            point = np.array([effect_of(k, np.arange(n)) for k in keys])
+            draws = np.array([[effect_of(k, idx) for k in keys] for idx in boot[: min(len(boot), 400)]])
+            for score in ("coarse", "refine"):
+                sv = score_values[score]
+                if not np.isfinite(sv).any():
+                    continue
+                rho = _spearman(sv, point)
+                lo, hi = _ci(np.array([_spearman(sv, d) for d in draws]))
+                perms = np.array([_spearman(perm_rng.permutation(sv), point) for _ in range(settings.n_permutations)])
+                p = float((np.sum(np.abs(perms) >= abs(rho)) + 1) / (len(perms) + 1))
+                base = {"doc_id": None, "analysis": "correlation", "mode": mode, "positions": "all", "readout": r, "layer": -1, "head": -1, "score": score, "head_set": causal, "clean": np.nan, "corrupt": np.nan, "patched": np.nan, "effect": np.nan}
+                rows.append({**base, "metric": "spearman", "k": 0, "value": rho, "ci_low": lo, "ci_high": hi, "p_value": p})
+                order = np.argsort(-sv)
+                for k in ks:
+                    top_score = set(order[:k].tolist())
+
+                    def overlap(effects):
+                        return len(top_score & set(np.argsort(-effects)[:k].tolist())) / k
+
+                    lo, hi = _ci(np.array([overlap(d) for d in draws]))
+                    chance = k / len(heads_all)
+                    perm_over = np.array([len(set(perm_rng.permutation(len(heads_all))[:k].tolist()) & set(np.argsort(-point)[:k].tolist())) / k for _ in range(settings.n_permutations)])
+                    p = float((np.sum(perm_over >= overlap(point)) + 1) / (len(perm_over) + 1))
+                    rows.append({**base, "metric": f"top_k_overlap@{k}", "k": k, "value": overlap(point), "ci_low": lo, "ci_high": hi, "p_value": p, "chance": chance})
+            if settings.sweep:
+                attr = np.array([effect_of(("attribution", mode, "all", l, h, "", 1, "", r), np.arange(n)) for l, h in heads_all])
+                rows.append({"doc_id": None, "analysis": "agreement", "mode": mode, "positions": "all", "readout": r, "layer": -1, "head": -1, "score": "", "k": 0, "head_set": "attribution vs sweep", "metric": "spearman", "clean": np.nan, "corrupt": np.nan, "patched": np.nan, "effect": np.nan, "value": _spearman(attr, point), "ci_low": np.nan, "ci_high": np.nan})
+
+    frame = pd.DataFrame(rows)
+    for column in ("metric", "p_value", "chance"):
+        if column not in frame:
+            frame[column] = np.nan
     meta = {
         "corruption": "anchor tokens swapped token-for-token with an unrelated document's (no shared gold label)",
-        "patched": "head output hook_z at every prefix position",
-        "regeneration": "coarse: from the internal boundary estimate; refine: from the answer marker; greedy",
-        "margin": "teacher-forced, mean over CoT positions after the boundary",
-        "ks": ks_used,
-        "random_draws": n_random,
-        "n_traces": int(len(usable)),
+        "what": settings.what,
+        "readouts": {
+            "answer_logprob": "teacher-forced log p of each gold answer code (all its tokens), mean over codes",
+            "answer_margin": "at each gold answer code: log p(gold) - max log p(near-miss) at the first token where their tokenisations part, mean over codes",
+            "p_at_1 / recall": "answer regenerated greedily from the answer marker, the patch applied to the prompt and the teacher-forced CoT" if settings.regenerate else "not computed",
+        },
+        "normalisation": "recovery (denoise) = (patched - corrupt)/(clean - corrupt); damage (noise) = (clean - patched)/(clean - corrupt); summaries pool traces as a ratio of sums, bootstrap 95% CI over traces",
+        "ranking": f"CoarseScore / RefineScore on {ranked_on} traces" + ("" if ranked_on == "dev" else " (no dev head scores in this run: rankings and effects share traces)"),
+        "ks": ks,
+        "random_sets": f"{settings.n_random} seeded draws of k heads outside the ranked top k",
+        "positions": {"all": "every token", "phase1": "CoT tokens before the trace's boundary", "phase2": "CoT tokens from the boundary on"},
+        "boundary": "the true boundary where known, else the internal estimate",
+        "n_traces": n,
+        "dev_scores": scores[["layer", "head", "score", "value", "rank"]].to_dict(orient="records"),
+        "causal_map_for_correlations": causal,
     }
     return PatchingResult(frame, meta)

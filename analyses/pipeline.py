@@ -53,17 +53,18 @@ def _stage_data(config: RunConfig, run_dir: Path, manifest: Manifest) -> Dataset
 
 
 def _stage_traces(config: RunConfig, run_dir: Path, manifest: Manifest, dataset: Dataset) -> None:
-    from analyses.traces import GenerationConfig, resolve_model_path, traces_stage_config, write_traces
+    from analyses.traces import GenerationConfig, default_dev_docs, resolve_model_path, traces_stage_config, write_traces
 
     model_dir = resolve_model_path(config.model)
     n_docs = config.n_docs if config.n_docs is not None else (20 if config.quick else None)
+    n_dev_docs = min(default_dev_docs(model_dir), 20 if config.quick else 100)
     generation = GenerationConfig(seed=config.seed)
-    expected = traces_stage_config(model_dir, config.split, n_docs, None, generation)
+    expected = traces_stage_config(model_dir, config.split, n_docs, None, generation, n_dev_docs)
     _check_same_config(manifest, "traces", expected)
     if manifest.is_complete("traces") and (run_dir / "traces.parquet").exists():
         print("[traces] complete, reading traces.parquet", file=sys.stderr)
         return
-    write_traces(run_dir, dataset, model=model_dir, split=config.split, n_docs=n_docs, config=generation, manifest=manifest)
+    write_traces(run_dir, dataset, model=model_dir, split=config.split, n_docs=n_docs, config=generation, manifest=manifest, n_dev_docs=n_dev_docs)
 
 
 def _stage_capture(config: RunConfig, run_dir: Path, manifest: Manifest) -> None:
@@ -79,8 +80,11 @@ def _stage_capture(config: RunConfig, run_dir: Path, manifest: Manifest) -> None
 def _stage_characterize(config: RunConfig, run_dir: Path, manifest: Manifest) -> None:
     from analyses.characterize import characterize_run
 
+    from analyses.boundary import InternalSettings
+
     n_boot = 200 if config.quick else 1000
-    _check_same_config(manifest, "characterize", {"n_boot": n_boot, "seed": config.seed})
+    internal = InternalSettings()
+    _check_same_config(manifest, "characterize", {"n_boot": n_boot, "seed": config.seed, "internal": {"channels": internal.channels, "smoothing": internal.smoothing}})
     if manifest.is_complete("characterize") and (run_dir / "boundary.parquet").exists():
         print("[characterize] complete", file=sys.stderr)
         return
@@ -88,16 +92,19 @@ def _stage_characterize(config: RunConfig, run_dir: Path, manifest: Manifest) ->
 
 
 def _stage_patch(config: RunConfig, run_dir: Path, manifest: Manifest) -> None:
-    from analyses.patch import patch_run
+    from dataclasses import asdict
 
-    settings = {"n_docs": 3 if config.quick else 10, "n_random": 1 if config.quick else 2, "seed": config.seed}
+    from analyses.patch import PatchSettings, patch_run
+
+    patch_settings = PatchSettings.quick() if config.quick else PatchSettings()
+    patch_settings.seed = config.seed
+    settings = asdict(patch_settings)
     _check_same_config(manifest, "patch", settings)
     if manifest.is_complete("patch") and (run_dir / "patching.parquet").exists():
         print("[patch] complete", file=sys.stderr)
         return
     with manifest.stage("patch", config=settings, seed=config.seed) as record:
-        ks = (3, 8) if config.quick else (3, 8, 16, 40, 100)
-        result = patch_run(run_dir, n_docs=settings["n_docs"], ks=ks, n_random=settings["n_random"], seed=config.seed, manifest=manifest)
+        result = patch_run(run_dir, patch_settings, manifest=manifest)
         result.save(run_dir / "patching.parquet")
         record["outputs"] = ["patching.parquet"]
 

@@ -18,7 +18,7 @@ import plotly.io as pio
 
 from analyses.io import atomic_path, read_json
 
-__all__ = ["collect_figures", "write_figures", "write_report", "png_available"]
+__all__ = ["collect_figures", "write_figures", "write_report", "png_available", "characterization_findings"]
 
 
 def collect_figures(run_dir: str | Path) -> dict[str, object]:
@@ -102,21 +102,71 @@ def _table(frame: pd.DataFrame, title: str) -> str:
     return f"<h3>{html.escape(title)}</h3>" + frame.to_html(index=False, float_format=lambda x: f"{x:.3f}", border=0, classes="t")
 
 
+def _fmt_ci(value: float, low: float, high: float, digits: int = 3, percent: bool = False) -> str:
+    if percent:
+        return f"{100 * value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+    return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def characterization_findings(run_dir: str | Path) -> list[str]:
+    """Sentences, each with its number and 95% CI, on what the run's characterisation shows."""
+    from analyses.boundary import Boundary
+    from analyses.characterize import ProbeResults
+    from analyses.dynamics import Dynamics
+
+    run_dir = Path(run_dir)
+    out: list[str] = []
+    if (run_dir / "boundary.parquet").exists():
+        boundary = Boundary.load(run_dir / "boundary.parquet")
+        errors = boundary.errors(n_boot=int(boundary.meta.get("n_boot", 1000))).set_index("estimator")
+        if "internal" in errors.index:
+            e = errors.loc["internal"]
+            sentence = f"The internal boundary estimator's median error is {_fmt_ci(e.median_abs_error_frac, e.ci_low, e.ci_high, percent=True)} of the CoT over {int(e.n)} traces"
+            for other in ("constant", "fixed", "behavioural"):
+                if other in errors.index:
+                    o = errors.loc[other]
+                    sentence += f"; {other}: {_fmt_ci(o.median_abs_error_frac, o.ci_low, o.ci_high, percent=True)}"
+            out.append(sentence + ".")
+            if "constant" in errors.index:
+                ratio, lo, hi = boundary.ratio("internal", "constant")
+                verdict = "at most half" if hi <= 0.5 else "not shown to be at most half"
+                out.append(f"Internal over constant (fitted on dev traces, share {boundary.meta.get('constant_share', float('nan')):.3f}): {_fmt_ci(ratio, lo, hi, 2)} ({verdict} of the constant's error, paired bootstrap CI).")
+            else:
+                out.append(f"No constant baseline: {boundary.meta.get('constant_fitted_on', 'not fitted')}.")
+    if (run_dir / "probes.parquet").exists():
+        probes = ProbeResults.load(run_dir / "probes.parquet")
+        f = probes.frame
+        for row in probes.beats_tokens().itertuples():
+            best = f[(f["target"] == row.target) & (f["status"] == "fitted")].sort_values("minus_tokens", ascending=False).iloc[0]
+            out.append(
+                f"Probe '{row.target}': beats token identity (CI above 0) in {int(row.beats_tokens)} of {int(row.cells)} fitted cells"
+                + (f" ({int(row.not_fitted)} cells not fitted, listed in probes.parquet)" if row.not_fitted else "")
+                + f"; best cell L{int(best.layer)} {best.bucket_name}: probe {best.value:.3f} vs tokens {best.token_baseline:.3f}, difference {_fmt_ci(best.minus_tokens, best.minus_tokens_ci_low, best.minus_tokens_ci_high)}; control task {best.control_value:.3f}."
+            )
+    if (run_dir / "dynamics.parquet").exists():
+        changes = Dynamics.load(run_dir / "dynamics.parquet").phase_changes().set_index("metric")
+        if len(changes):
+            parts = [f"{m.replace('_change_', ' change over ').replace('phase', 'phase ')} {_fmt_ci(r.value, r.ci_low, r.ci_high)}" for m, r in changes.iterrows()]
+            out.append("Behavioural dynamics, paired per trace: " + "; ".join(parts) + ".")
+    return out
+
+
 def _key_tables(run_dir: Path) -> list[str]:
     out = []
     if (run_dir / "boundary.parquet").exists():
         from analyses.boundary import Boundary
 
-        errors = Boundary.load(run_dir / "boundary.parquet").errors()
+        boundary = Boundary.load(run_dir / "boundary.parquet")
+        errors = boundary.errors(n_boot=int(boundary.meta.get("n_boot", 1000)))
         if not errors.empty:
-            out.append(_table(errors, "Phase-boundary error per estimator (median over traces)"))
+            out.append(_table(errors, "Phase-boundary error per estimator (median over traces, bootstrap 95% CI)"))
     if (run_dir / "head_scores.parquet").exists():
         scores = pd.read_parquet(run_dir / "head_scores.parquet")
         top = scores[scores["rank"] <= 5].sort_values(["score", "rank"])[["score", "rank", "layer", "head", "value", "ci_low", "ci_high"]]
         out.append(_table(top, "Top heads per phase score (bootstrap 95% CI)"))
     if (run_dir / "isolation.parquet").exists():
         iso = pd.read_parquet(run_dir / "isolation.parquet")
-        out.append(_table(iso[iso["metric"].isin(["micro_f1", "verdict", "f1_gain_over_retriever_alone", "f1_gain_over_model_phase1_alone"])][["condition", "metric", "value", "ci_low", "ci_high"]], "Isolation and complementarity"))
+        out.append(_table(iso[iso["metric"].isin(["micro_f1", "verdict", "f1_gain_over_phase1_alone", "f1_gain_over_phase2_alone", "f1_gain_over_retriever_alone"])][["condition", "metric", "value", "ci_low", "ci_high"]], "Isolation and complementarity"))
     if (run_dir / "distill.parquet").exists():
         d = pd.read_parquet(run_dir / "distill.parquet")
         per = d[d["seed"] >= 0].groupby(["condition", "metric"])["value"].mean().unstack().reset_index()
@@ -146,6 +196,7 @@ table.t{{border-collapse:collapse;font-size:13px}} table.t td,table.t th{{paddin
 pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}} section{{margin-bottom:2.5em}}</style></head>
 <body><h1>characterize-then-distill: {html.escape(run_dir.name)}</h1>
 <p>Model: <code>{html.escape(str(manifest.get("model", {}).get("path", "?")))}</code>. Figures: {len(figures)}. Each number below is computed from this run's files.</p>
+<h2>What the characterisation shows</h2><ul>{''.join(f"<li>{html.escape(s)}</li>" for s in characterization_findings(run_dir))}</ul>
 {''.join(_key_tables(run_dir))}
 {''.join(parts)}
 <h2>manifest</h2><pre>{html.escape(json.dumps(manifest, indent=2, default=str))}</pre>

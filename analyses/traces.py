@@ -22,12 +22,13 @@ from analyses.prompts import PromptTemplate, default_template, get_template
 from analyses.tasks.labels import LabelSpace
 from probes.errors import CtdInputError, input_error
 
-__all__ = ["GenerationConfig", "generate_traces", "write_traces", "resolve_model_path", "traces_stage_config"]
+__all__ = ["GenerationConfig", "generate_traces", "write_traces", "resolve_model_path", "traces_stage_config", "default_dev_docs"]
 
 
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 256
+    # The organism's longest traces run to about 600 tokens; real reasoning models need more (--max-new-tokens).
+    max_new_tokens: int = 768
     batch_size: int = 32
     do_sample: bool = False
     temperature: float = 0.7
@@ -178,12 +179,20 @@ def generate_traces(
     return frame
 
 
-def traces_stage_config(model_dir: Path, split: str, n_docs: int | None, template_name: str | None, config: GenerationConfig) -> dict:
+def default_dev_docs(model_dir: Path, template_name: str | None = None) -> int:
+    """Dev traces generated beside the test traces by default: 100 where traces carry a known
+    boundary (the embedded organism: they fit the ``constant`` estimator and tune the internal
+    one), none for other models (no truth to fit on; ask with ``--n-dev-docs``)."""
+    return 100 if _template_for(Path(model_dir), template_name).family == "organism" else 0
+
+
+def traces_stage_config(model_dir: Path, split: str, n_docs: int | None, template_name: str | None, config: GenerationConfig, n_dev_docs: int = 0) -> dict:
     """What identifies a traces stage: rerunning with the same settings reuses its file."""
     return {
         "model": str(Path(model_dir).resolve()),
         "split": split,
         "n_docs": n_docs,
+        "n_dev_docs": n_dev_docs,
         "template": _template_for(Path(model_dir), template_name).name,
         "generation": dict(config.__dict__),
     }
@@ -199,27 +208,40 @@ def write_traces(
     config: GenerationConfig | None = None,
     progress: bool = True,
     manifest: Manifest | None = None,
+    n_dev_docs: int | None = None,
 ) -> pd.DataFrame:
-    """The ``traces`` stage: ``labels.parquet``, ``docs.parquet``, ``traces.parquet`` and the manifest."""
+    """The ``traces`` stage: ``labels.parquet``, ``docs.parquet``, ``traces.parquet`` (the ``split``
+    documents) and ``dev_traces.parquet`` (``n_dev_docs`` dev documents, see :func:`default_dev_docs`)."""
     run_dir = Path(run_dir)
     model_dir = resolve_model_path(model)
     config = config or GenerationConfig()
     docs = dataset.split(split) if split != "all" else dataset.docs
     if n_docs is not None:
+        if len(docs) < n_docs:
+            raise input_error(run_dir, f"--n-docs {n_docs} asks for more documents than split {split!r} holds ({len(docs)})", f"ask for at most {len(docs)}, or generate more notes (--opt n_docs=N)")
         docs = docs.head(n_docs)
     if docs.empty:
         raise input_error(run_dir, f"no documents in split {split!r}", "choose another --split or a dataset with that split")
+    n_dev_docs = default_dev_docs(model_dir, template_name) if n_dev_docs is None else n_dev_docs
+    dev_docs = dataset.split("dev").head(n_dev_docs) if n_dev_docs and split != "dev" else dataset.docs.head(0)
+    if n_dev_docs and dev_docs.empty:
+        print(f"[traces] the dataset has no dev split: no dev traces (the constant boundary estimator will not be fitted)", file=sys.stderr)
+        n_dev_docs = 0
     manifest = Manifest.for_stage(run_dir, manifest)
     if not (run_dir / "docs.parquet").exists():
         dataset.save(run_dir)
-    stage_config = traces_stage_config(model_dir, split, n_docs, template_name, config)
+    stage_config = traces_stage_config(model_dir, split, n_docs, template_name, config, n_dev_docs)
     manifest.update(model={"path": str(model_dir.resolve())}, dataset={"name": dataset.name, **dataset.info})
     with manifest.stage("traces", config=stage_config, seed=config.seed) as record:
         traces = generate_traces(model_dir, docs, dataset.labels, template_name=template_name, config=config, progress=progress)
         write_parquet(traces, run_dir / "traces.parquet")
-        bad = traces[~traces["well_formed"]]
         record["outputs"] = ["traces.parquet"]
-        record["counts"] = {"traces": int(len(traces)), "malformed": int(len(bad))}
+        if len(dev_docs):
+            dev = generate_traces(model_dir, dev_docs, dataset.labels, template_name=template_name, config=config, progress=progress)
+            write_parquet(dev, run_dir / "dev_traces.parquet")
+            record["outputs"].append("dev_traces.parquet")
+        bad = traces[~traces["well_formed"]]
+        record["counts"] = {"traces": int(len(traces)), "malformed": int(len(bad)), "dev_traces": int(len(dev_docs))}
     reasons = pd.Series([p for ps in bad["problems"] for p in ps]).str.replace(r" \[.*", "", regex=True).value_counts()
     detail = ", ".join(f"{k}: {v}" for k, v in reasons.items())
     print(f"[traces] {len(traces)} traces, {len(bad)} malformed (kept and flagged{': ' + detail if detail else ''})", file=sys.stderr)

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from probes.errors import CtdInputError, CtdNumericalError
-from probes.points import REDUCTIONS, point_of_hook
+from probes.points import REDUCTIONS, point_of_hook, hook_name
 from probes.store import DTYPES, SEP, STORE_DIR, ShardWriter
 from probes.typing import HeadZ, Pattern
 
@@ -75,6 +75,10 @@ class CaptureConfig:
 
     points: list[str] = field(default_factory=list)
     attention_layers: list[int] = field(default_factory=list)
+    # Heads whose full attention rows are kept: per captured query, its weights over the trace's
+    # own keys (stored as ``blocks.{l}.attn.hook_pattern:rows@h{h}``, [query, key]). Only for a
+    # few heads of short traces: what distillation reads of its teacher.
+    pattern_heads: list[tuple[int, int]] = field(default_factory=list)
     n_regions: int = 9
     batch_size: int = 8
     padding: str = "left"
@@ -210,8 +214,9 @@ def capture(
     settings: dict | None = None,
     progress: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    store_dir: str = STORE_DIR,
 ) -> Path:
-    """Capture ``requests`` into ``<run_dir>/activations``; resumes a capture that was interrupted.
+    """Capture ``requests`` into ``<run_dir>/<store_dir>``; resumes a capture that was interrupted.
 
     ``settings`` (model path, ...) join the config in the store's identity: a store made with
     other settings is never resumed into. ``on_batch(i)`` runs before batch i (tests use it to
@@ -219,7 +224,7 @@ def capture(
     """
     from tqdm.auto import tqdm
 
-    root = Path(run_dir) / STORE_DIR
+    root = Path(run_dir) / store_dir
     ids = [r.doc_id for r in requests]
     if len(set(ids)) != len(ids):
         raise CtdInputError("capture: document ids must be unique")
@@ -230,6 +235,9 @@ def capture(
             raise CtdInputError("capture: the attention pattern is stored only as reductions (attention_layers)")
         if layer is not None and layer >= n_layers:
             raise CtdInputError(f"capture: point {name!r} but the model has {n_layers} layers")
+    bad_heads = [h for h in config.pattern_heads if not (0 <= h[0] < n_layers and 0 <= h[1] < bridge.cfg.n_heads)]
+    if bad_heads:
+        raise CtdInputError(f"capture: pattern heads {bad_heads} out of range ({n_layers} layers x {bridge.cfg.n_heads} heads)")
     bad_layers = [l for l in config.attention_layers if not 0 <= l < n_layers]
     if bad_layers:
         raise CtdInputError(f"capture: attention layers {bad_layers} out of range (the model has {n_layers})")
@@ -241,7 +249,7 @@ def capture(
     device = bridge.cfg.device
     # Nothing after the last block that a point reads is needed: the forward stops there (on the
     # organism the bridge's unembedding took 18% of a capture's CPU time).
-    layers_read = [point_of_hook(name)[1] for name in config.points] + list(config.attention_layers)
+    layers_read = [point_of_hook(name)[1] for name in config.points] + list(config.attention_layers) + [l for l, _ in config.pattern_heads]
     last_block = max(layers_read) if layers_read and None not in layers_read else None
     with torch.no_grad():
         grams = {layer: value_gram(bridge.blocks[layer].attn.W_O.detach()) for layer in config.attention_layers}
@@ -273,6 +281,7 @@ def capture(
         query_index, key_regions, document_mask = query_index.to(device), key_regions.to(device), document_mask.to(device)
         gathered: dict[str, Tensor] = {}
         value_norms: dict[int, Tensor] = {}
+        rows_of: dict[str, Tensor] = {}  # attention rows [batch, nq, key] of chosen heads
 
         def store_point(name: str, derive: Callable[[Tensor], Tensor] | None = None):
             def hook(tensor, hook):
@@ -301,6 +310,15 @@ def capture(
                     gathered[REDUCTIONS[what][0].format(layer=layer)] = tensor.to("cpu", torch.float32)
 
             hooks += [(f"blocks.{layer}.attn.hook_v", v_hook), (f"blocks.{layer}.attn.hook_pattern", pattern_hook)]
+        for layer in sorted({l for l, _ in config.pattern_heads}):
+            heads_here = [h for l, h in config.pattern_heads if l == layer]
+
+            def rows_hook(pattern, hook, layer=layer, heads_here=heads_here):
+                for h in heads_here:
+                    picked = pattern[:, h].gather(1, query_index[:, :, None].expand(-1, -1, pattern.shape[-1]))
+                    rows_of[f"{hook_name('pattern', layer)}:rows@h{h}"] = picked.detach().to("cpu", store_dtype)
+
+            hooks.append((hook_name("pattern", layer), rows_hook))
         if last_block is not None:
             hooks.append((f"blocks.{last_block}.hook_resid_post", _stop_forward))
 
@@ -312,7 +330,7 @@ def capture(
                 fwd_hooks=hooks,
                 return_type=None,
             )
-        for name, value in gathered.items():  # one check per point; locate only on failure
+        for name, value in list(gathered.items()) + list(rows_of.items()):  # one check per point; locate only on failure
             if not bool(torch.isfinite(value).all()):
                 for i, r in enumerate(batch):
                     finite = torch.isfinite(value[i, : len(r.positions)].float()).reshape(len(r.positions), -1).all(-1)
@@ -325,6 +343,8 @@ def capture(
             tensors[f"{r.doc_id}{SEP}positions"] = torch.as_tensor(r.positions, dtype=torch.int64)
             for name, value in gathered.items():
                 tensors[f"{r.doc_id}{SEP}{name}"] = value[i, :n]  # a contiguous slice: no copy
+            for name, value in rows_of.items():  # keys: the trace's own tokens, not the padding
+                tensors[f"{r.doc_id}{SEP}{name}"] = value[i, :n, offsets[i] : offsets[i] + len(r.token_ids)].contiguous()
         writer.write(shard_id, tensors, [r.doc_id for r in batch])
         bar.update(len(batch))
     bar.close()

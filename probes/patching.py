@@ -1,131 +1,369 @@
-"""Activation patching of chosen attention heads: denoise and noise, with controls (DESIGN §2).
+"""Activation patching of attention heads: every head's effect, by sweep or by attribution (DESIGN §2).
 
-Clean run x and corrupted run x' have the same token count (the corruption swaps anchor tokens for
-another document's, token for token), so every position lines up. A head is patched by replacing
-its ``hook_z`` (head output) or its ``hook_pattern`` rows at chosen positions with the other run's:
+A clean run x and a corrupted run x' of the same trace have the same token count (the corruption
+swaps tokens one for one), so positions line up. A head is patched by writing the other run's
+``hook_z`` (its output before W_O) or ``hook_pattern`` rows at chosen positions:
 
-- denoise: clean activations of the chosen heads written into the corrupted run;
-- noise: corrupted activations of the chosen heads written into the clean run.
+- denoise: clean activations written into the corrupted run; recovery = (patched - corrupt) / (clean - corrupt);
+- noise: corrupted activations written into the clean run; damage = (clean - patched) / (clean - corrupt).
 
-Patches apply to the positions of the teacher-forced prefix only; tokens generated after the
-patched point run unpatched, so "regenerating from the patched point" shows what the patched
-computation leads the model to write.
+Read-outs (:class:`TokenReadout`) are teacher-forced log-probabilities at chosen positions, so one
+forward scores every trace of a batch. Patching every head's ``z`` at every position recovers the
+clean run exactly at positions that were not corrupted (a tested invariant); patterns are
+different (values at corrupted positions still differ).
+
+Two ways to get every head's effect:
+
+- :func:`head_sweep`: one head at a time, one batched forward per head and mode (exact);
+- :func:`attribution_patching`: activation difference x gradient (Nanda 2023; Syed et al. 2023),
+  one forward and one backward per run and read-out for all heads at once (for models too large
+  to sweep); optionally averaged over points between the runs (``steps`` > 1, integrated gradients).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from probes.errors import CtdInputError
+from probes.points import hook_name
 
-__all__ = ["HeadSet", "collect_head_activations", "patched", "patched_logits", "patched_generate", "control_head_sets", "ks_for"]
+__all__ = [
+    "Head",
+    "HeadSet",
+    "PatchInputs",
+    "TokenReadout",
+    "head_activations",
+    "patch_hooks",
+    "readout_values",
+    "head_sweep",
+    "head_masks",
+    "head_set_effects",
+    "attribution_patching",
+    "control_head_sets",
+    "ks_for_heads",
+    "normalised_effect",
+    "PATCH_TARGETS",
+    "MODES",
+]
 
 Head = tuple[int, int]
+MODES = ("denoise", "noise")
+PATCH_TARGETS = {"z": "z", "pattern": "pattern"}
 
 
 @dataclass(frozen=True)
 class HeadSet:
-    """A named set of heads to patch: ``name`` in (ranked, random-<seed>, lowest)."""
+    """A named set of heads to patch: ``name`` in (ranked, random-<draw>, lowest)."""
 
     name: str
     k: int
     heads: tuple[Head, ...]
 
 
-def ks_for(n_heads_total: int, ks: Sequence[int] = (3, 8, 16, 40, 100)) -> list[int]:
-    """The k grid capped at the number of heads (duplicates after capping removed)."""
-    return sorted({min(k, n_heads_total) for k in ks})
+def ks_for_heads(n_heads_total: int) -> list[int]:
+    """The k grid for comparing a ranked head set with random sets, scaled to the model.
+
+    Up to 64 heads: k = 1, 2, 3, 4 (a small share of the heads, so ranked and random sets differ);
+    larger models: 0.06%, 0.2%, 0.5%, 1% and 2% of the heads (DESIGN §2).
+    """
+    if n_heads_total <= 64:
+        return [k for k in (1, 2, 3, 4) if 2 * k < n_heads_total]
+    return sorted({max(1, int(round(f * n_heads_total))) for f in (0.0006, 0.002, 0.005, 0.01, 0.02)})
 
 
 def control_head_sets(ranking: Sequence[Head], k: int, n_random: int = 3, seed: int = 0) -> list[HeadSet]:
-    """The top-k heads of ``ranking`` (best first), ``n_random`` seeded draws of k heads without
-    replacement, and the k lowest-ranked heads."""
+    """The top-k heads of ``ranking`` (best first), ``n_random`` seeded draws of k heads from the
+    heads outside the top k (a random set never contains a ranked head), and the k lowest-ranked."""
     ranking = list(ranking)
-    if k > len(ranking):
-        raise CtdInputError(f"k={k} but only {len(ranking)} heads are ranked")
-    sets = [HeadSet("ranked", k, tuple(ranking[:k]))]
+    if 2 * k > len(ranking):
+        raise CtdInputError(f"k={k} but only {len(ranking)} heads are ranked: ranked and lowest sets would overlap")
+    top, rest = ranking[:k], ranking[k:]
+    sets = [HeadSet("ranked", k, tuple(top))]
     for draw in range(n_random):
         rng = np.random.default_rng([seed, k, draw])
-        pick = rng.choice(len(ranking), size=k, replace=False)
-        sets.append(HeadSet(f"random-{draw}", k, tuple(ranking[i] for i in sorted(pick))))
+        pick = rng.choice(len(rest), size=k, replace=False)
+        sets.append(HeadSet(f"random-{draw}", k, tuple(rest[i] for i in sorted(pick))))
     sets.append(HeadSet("lowest", k, tuple(ranking[-k:])))
     return sets
 
 
-def collect_head_activations(bridge, token_ids: Int[Tensor, "1 pos"], layers: Sequence[int], what: str = "z") -> dict[int, Tensor]:
-    """``hook_z`` [pos, head, d_head] or ``hook_pattern`` [head, q, k] of each layer, batch of one."""
-    name = {"z": "attn.hook_z", "pattern": "attn.hook_pattern"}[what]
+@dataclass
+class PatchInputs:
+    """Clean and corrupted token ids of the same traces, left-padded into one batch.
+
+    ``offsets[b]`` is where trace b's first token sits in the padded row; each trace's clean and
+    corrupted sequences have the same length (the corruption swaps tokens one for one).
+    """
+
+    clean: Int[Tensor, "batch pos"]
+    corrupt: Int[Tensor, "batch pos"]
+    attention_mask: Int[Tensor, "batch pos"]
+    position_ids: Int[Tensor, "batch pos"]
+    offsets: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def from_sequences(cls, clean: Sequence[Sequence[int]], corrupt: Sequence[Sequence[int]], pad_id: int) -> "PatchInputs":
+        if len(clean) != len(corrupt) or any(len(a) != len(b) for a, b in zip(clean, corrupt)):
+            raise CtdInputError("patching: each clean and corrupted sequence must have the same length (swap tokens one for one)")
+        width = max(len(s) for s in clean)
+        ids = {name: torch.full((len(clean), width), pad_id, dtype=torch.long) for name in ("clean", "corrupt")}
+        mask = torch.zeros((len(clean), width), dtype=torch.long)
+        offsets = np.zeros(len(clean), dtype=np.int64)
+        for i, (a, b) in enumerate(zip(clean, corrupt)):
+            o = width - len(a)
+            ids["clean"][i, o:] = torch.as_tensor(list(a))
+            ids["corrupt"][i, o:] = torch.as_tensor(list(b))
+            mask[i, o:] = 1
+            offsets[i] = o
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        return cls(ids["clean"], ids["corrupt"], mask, position_ids, offsets, np.array([len(s) for s in clean]))
+
+    def select(self, rows: Sequence[int]) -> "PatchInputs":
+        idx = torch.as_tensor(list(rows), dtype=torch.long)
+        return PatchInputs(self.clean[idx], self.corrupt[idx], self.attention_mask[idx], self.position_ids[idx], self.offsets[list(rows)], self.lengths[list(rows)])
+
+    def position_mask(self, positions: Sequence[Sequence[int]] | None = None) -> Bool[Tensor, "batch pos"]:
+        """Where patches apply: per trace, positions in its own (unpadded) coordinates; None = every real token."""
+        if positions is None:
+            return self.attention_mask.bool()
+        mask = torch.zeros_like(self.attention_mask, dtype=torch.bool)
+        for b, pos in enumerate(positions):
+            if len(pos):
+                mask[b, torch.as_tensor(np.asarray(pos, dtype=np.int64) + self.offsets[b])] = True
+        return mask
+
+
+@dataclass
+class TokenReadout:
+    """A teacher-forced read-out: per trace, the mean over its items of
+    ``sum log p(target tokens) - max over competitors of sum log p(competitor tokens)``.
+
+    ``items[b]`` lists, for trace b, tuples ``(positions, targets, competitors)``: ``positions``
+    are the (unpadded) positions whose next-token distribution is read, ``targets`` the tokens
+    expected there, ``competitors`` a list of alternative token tuples of the same length (empty:
+    the read-out is the targets' log-probability). A trace with no item reads NaN.
+    """
+
+    name: str
+    items: list[list[tuple[tuple[int, ...], tuple[int, ...], tuple[tuple[int, ...], ...]]]] = field(default_factory=list)
+
+    def value(self, logprob_at: Callable[[int, int, int], Tensor], batch_size: int) -> Float[Tensor, "batch"]:
+        out = []
+        for b in range(batch_size):
+            values = []
+            for positions, targets, competitors in self.items[b]:
+                score = sum(logprob_at(b, p, t) for p, t in zip(positions, targets))
+                if competitors:
+                    score = score - torch.stack([sum(logprob_at(b, p, t) for p, t in zip(positions, c)) for c in competitors]).max()
+                values.append(score)
+            out.append(torch.stack(values).mean() if values else torch.tensor(float("nan")))
+        return torch.stack(out)
+
+
+def _needed(readouts: Sequence[TokenReadout], offsets: np.ndarray) -> dict[int, list[int]]:
+    rows: dict[int, set[int]] = {}
+    for r in readouts:
+        for b, items in enumerate(r.items):
+            for positions, _, _ in items:
+                rows.setdefault(b, set()).update(int(p) + int(offsets[b]) for p in positions)
+    return {b: sorted(p) for b, p in rows.items()}
+
+
+def readout_values(logits: Float[Tensor, "batch pos vocab"], readouts: Sequence[TokenReadout], offsets: np.ndarray) -> dict[str, Float[Tensor, "batch"]]:
+    """Each read-out per trace; log-softmax is taken only at the positions read (vocabularies are large)."""
+    needed = _needed(readouts, offsets)
+    table: dict[tuple[int, int], Tensor] = {}
+    for b, padded in needed.items():
+        lp = torch.log_softmax(logits[b, padded].float(), dim=-1)
+        for j, p in enumerate(padded):
+            table[(b, p)] = lp[j]
+
+    def logprob_at(b: int, p: int, t: int) -> Tensor:
+        return table[(b, int(p) + int(offsets[b]))][t]
+
+    return {r.name: r.value(logprob_at, logits.shape[0]) for r in readouts}
+
+
+def _hook(what: str, layer: int) -> str:
+    return hook_name("z" if what == "z" else "pattern", layer)
+
+
+def head_activations(bridge, tokens: Int[Tensor, "batch pos"], inputs: PatchInputs, layers: Sequence[int], what: str = "z") -> dict[int, Tensor]:
+    """``hook_z`` [batch, pos, head, d_head] (or ``hook_pattern`` [batch, head, q, k]) of each layer."""
+    if what not in PATCH_TARGETS:
+        raise CtdInputError(f"patch target {what!r}: use one of {sorted(PATCH_TARGETS)}")
     out: dict[int, Tensor] = {}
 
-    def grab(layer):
+    def grab(layer: int):
         def hook(tensor, hook):
-            out[layer] = tensor[0].detach().clone()
+            out[layer] = tensor.detach().clone()
 
         return hook
 
     with torch.no_grad():
-        bridge.run_with_hooks(token_ids, fwd_hooks=[(f"blocks.{l}.{name}", grab(l)) for l in layers], return_type=None)
+        bridge.run_with_hooks(tokens, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, fwd_hooks=[(_hook(what, l), grab(l)) for l in layers], return_type=None)
     return out
 
 
-@contextmanager
-def patched(bridge, heads: Sequence[Head], source: dict[int, Tensor], positions: Sequence[int] | Tensor, what: str = "z", prefix_length: int | None = None) -> Iterator[None]:
-    """Within the context, the given heads' ``z`` (or pattern rows) at ``positions`` come from ``source``.
+def patch_hooks(source: dict[int, Tensor], heads: dict[int, Bool[Tensor, "batch head"] | Bool[Tensor, "head"]], positions: Bool[Tensor, "batch pos"], what: str = "z", prefix_length: int | None = None) -> list[tuple[str, Callable]]:
+    """Hooks that write ``source`` into the chosen heads at the chosen positions.
 
-    ``prefix_length``: patch only forward passes that see exactly this many positions (the
-    teacher-forced prefix), so cached decoding steps of a generation run unpatched.
+    ``heads[layer]``: which heads to patch, for every trace ([head]) or per trace ([batch, head]).
+    ``prefix_length``: patch only forward passes over exactly this many positions.
     """
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in heads:
-        by_layer.setdefault(layer, []).append(head)
-    pos = torch.as_tensor(list(positions), dtype=torch.long)
-    name = {"z": "attn.hook_z", "pattern": "attn.hook_pattern"}[what]
 
-    def make(layer: int, head_list: list[int]):
-        idx = torch.as_tensor(head_list, dtype=torch.long)
-
+    def make(layer: int, head_mask: Tensor):
         def hook(tensor, hook):
             if what == "z":
                 if prefix_length is not None and tensor.shape[1] != prefix_length:
                     return tensor
-                patched_t = tensor.clone()
-                src = source[layer].to(tensor.dtype)
-                patched_t[:, pos[:, None], idx[None, :]] = src[pos[:, None], idx[None, :]]
-                return patched_t
+                hm = head_mask if head_mask.dim() == 2 else head_mask.expand(tensor.shape[0], -1)
+                where = positions[:, :, None] & hm[:, None, :]  # [batch, pos, head]
+                return torch.where(where[..., None], source[layer].to(tensor.dtype), tensor)
             if prefix_length is not None and tensor.shape[2] != prefix_length:
                 return tensor
-            if source[layer].shape[-1] != tensor.shape[-1]:
+            if source[layer].shape != tensor.shape:
                 raise CtdInputError("pattern patching needs runs of equal length")
-            patched_t = tensor.clone()
-            src = source[layer].to(tensor.dtype)
-            patched_t[:, idx[:, None], pos[None, :], :] = src[idx[:, None], pos[None, :], :]
-            return patched_t
+            hm = head_mask if head_mask.dim() == 2 else head_mask.expand(tensor.shape[0], -1)
+            where = hm[:, :, None] & positions[:, None, :]  # [batch, head, query]
+            return torch.where(where[..., None], source[layer].to(tensor.dtype), tensor)
 
         return hook
 
-    hooks = [(f"blocks.{l}.{name}", make(l, hs)) for l, hs in by_layer.items()]
-    with bridge.hooks(fwd_hooks=hooks):
-        yield
+    return [(_hook(what, layer), make(layer, mask)) for layer, mask in heads.items() if bool(mask.any())]
 
 
-def patched_logits(bridge, token_ids: Int[Tensor, "1 pos"], heads: Sequence[Head], source: dict[int, Tensor], positions, what: str = "z") -> Float[Tensor, "pos vocab"]:
-    """Logits of a teacher-forced run with the heads patched."""
-    with torch.no_grad(), patched(bridge, heads, source, positions, what):
-        return bridge(token_ids)[0]
+def _forward(bridge, tokens: Tensor, inputs: PatchInputs, hooks) -> Tensor:
+    return bridge.run_with_hooks(tokens, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, fwd_hooks=hooks)
 
 
-def patched_generate(bridge, prefix_ids: Int[Tensor, "1 pos"], heads: Sequence[Head], source: dict[int, Tensor], positions, max_new_tokens: int, eos_token_id: int | None = None, what: str = "z") -> list[int]:
-    """Greedy continuation of ``prefix_ids`` with the heads patched over the prefix (KV-cached)."""
-    with torch.no_grad(), patched(bridge, heads, source, positions, what, prefix_length=prefix_ids.shape[1]):
-        out = bridge.generate(prefix_ids, max_new_tokens=max_new_tokens, do_sample=False, use_past_kv_cache=True, stop_at_eos=eos_token_id is not None, eos_token_id=eos_token_id, verbose=False, return_type="tokens")
-    new = out[0, prefix_ids.shape[1] :].tolist()
-    if eos_token_id is not None and eos_token_id in new:
-        new = new[: new.index(eos_token_id)]
-    return new
+def head_masks(heads: Sequence[Head], n_layers: int, n_heads: int) -> dict[int, Bool[Tensor, "head"]]:
+    """Per layer, which of its heads are in ``heads``."""
+    masks = {layer: torch.zeros(n_heads, dtype=torch.bool) for layer in range(n_layers)}
+    for layer, head in heads:
+        masks[layer][head] = True
+    return masks
+
+
+def normalised_effect(mode: str, clean: np.ndarray, corrupt: np.ndarray, patched: np.ndarray) -> np.ndarray:
+    """Per trace: recovery (denoise) or damage (noise), 1 = the whole clean-corrupt gap."""
+    gap = clean - corrupt
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return (patched - corrupt) / gap if mode == "denoise" else (clean - patched) / gap
+
+
+@dataclass
+class _Runs:
+    """Unpatched read-outs and the activations of both runs (computed once per batch)."""
+
+    clean: dict[str, np.ndarray]
+    corrupt: dict[str, np.ndarray]
+    acts: dict[str, dict[int, Tensor]]
+
+
+def _baselines(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], what: str) -> _Runs:
+    layers = range(bridge.cfg.n_layers)
+    values, acts = {}, {}
+    with torch.no_grad():
+        for run in ("clean", "corrupt"):
+            tokens = getattr(inputs, run)
+            acts[run] = head_activations(bridge, tokens, inputs, layers, what)
+            logits = _forward(bridge, tokens, inputs, [])
+            values[run] = {k: v.numpy() for k, v in readout_values(logits, readouts, inputs.offsets).items()}
+    return _Runs(values["clean"], values["corrupt"], acts)
+
+
+def head_set_effects(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], head_sets: Sequence[Sequence[Head]], positions: Bool[Tensor, "batch pos"] | None = None, what: str = "z", runs: _Runs | None = None) -> tuple[_Runs, list[dict[str, dict[str, np.ndarray]]]]:
+    """Patch each set of heads together, both modes: per set, per mode, per read-out, the patched value per trace."""
+    runs = runs or _baselines(bridge, inputs, readouts, what)
+    positions = inputs.position_mask() if positions is None else positions
+    n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
+    out = []
+    with torch.no_grad():
+        for heads in head_sets:
+            masks = head_masks(heads, n_layers, n_heads)
+            per_mode = {}
+            for mode, (target, source) in {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}.items():
+                logits = _forward(bridge, getattr(inputs, target), inputs, patch_hooks(runs.acts[source], masks, positions, what))
+                per_mode[mode] = {k: v.numpy() for k, v in readout_values(logits, readouts, inputs.offsets).items()}
+            out.append(per_mode)
+    return runs, out
+
+
+def head_sweep(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], positions: Bool[Tensor, "batch pos"] | None = None, what: str = "z", progress: bool = False, runs: _Runs | None = None) -> tuple[_Runs, dict[tuple[int, int, str], dict[str, np.ndarray]]]:
+    """Every head alone, both modes, batched across traces: ``{(layer, head, mode): {readout: patched value per trace}}``."""
+    from tqdm.auto import tqdm
+
+    heads = [(l, h) for l in range(bridge.cfg.n_layers) for h in range(bridge.cfg.n_heads)]
+    runs, effects = head_set_effects(bridge, inputs, readouts, [], positions, what, runs)
+    out = {}
+    for head in tqdm(heads, desc="head sweep", disable=not progress):
+        _, (per_mode,) = head_set_effects(bridge, inputs, readouts, [[head]], positions, what, runs)
+        for mode, values in per_mode.items():
+            out[(head[0], head[1], mode)] = values
+    return runs, out
+
+
+class _GradientsOn:
+    """Parameters require grad inside the block, so every activation is on the autograd graph
+    (``autograd.grad`` below asks for activation gradients only; no parameter gradient is stored)."""
+
+    def __init__(self, module):
+        self.params = [p for p in module.parameters() if not p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(True)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(False)
+
+
+def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], positions: Bool[Tensor, "batch pos"] | None = None, what: str = "z") -> dict[tuple[str, str], Float[Tensor, "batch layer head"]]:
+    """Linear estimates of every head's patched-minus-unpatched read-out, all heads at once.
+
+    Denoise: (a_clean - a_corrupt) . dR/da at the corrupted run; noise: (a_corrupt - a_clean) .
+    dR/da at the clean run. dR/da is the total derivative (through every later layer), the
+    product is summed over the patched positions and the head's dimensions. One forward and one
+    backward per run and read-out. Returns ``{(mode, readout): [batch, layer, head]}`` in the
+    read-out's units.
+    """
+    n_layers = bridge.cfg.n_layers
+    positions = inputs.position_mask() if positions is None else positions
+    with torch.no_grad():
+        acts = {run: head_activations(bridge, getattr(inputs, run), inputs, range(n_layers), what) for run in ("clean", "corrupt")}
+    out: dict[tuple[str, str], Tensor] = {}
+    for mode, (target, source) in {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}.items():
+        live: dict[int, Tensor] = {}
+
+        def make(layer: int):
+            def hook(tensor, hook):
+                live[layer] = tensor
+                return tensor
+
+            return hook
+
+        with torch.enable_grad(), _GradientsOn(bridge):
+            logits = _forward(bridge, getattr(inputs, target), inputs, [(_hook(what, l), make(l)) for l in range(n_layers)])
+            values = readout_values(logits, readouts, inputs.offsets)
+            for i, r in enumerate(readouts):
+                total = torch.nan_to_num(values[r.name]).sum()
+                grads = torch.autograd.grad(total, [live[l] for l in range(n_layers)], retain_graph=i < len(readouts) - 1, allow_unused=True)
+                per_layer = []
+                for layer, g in enumerate(grads):
+                    delta = acts[source][layer] - acts[target][layer]
+                    product = delta * (g.detach() if g is not None else torch.zeros_like(delta))
+                    if what == "z":  # [batch, pos, head, d_head]
+                        per_layer.append((product * positions[:, :, None, None]).sum((1, 3)))
+                    else:  # [batch, head, q, k]
+                        per_layer.append((product * positions[:, None, :, None]).sum((2, 3)))
+                out[(mode, r.name)] = torch.stack(per_layer, dim=1)
+    return out

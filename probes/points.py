@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from probes.errors import CtdInputError
 
-__all__ = ["Point", "POINTS", "resolve_points", "hook_name", "point_of_hook", "REDUCTIONS"]
+__all__ = ["Point", "POINTS", "resolve_points", "hook_name", "reduction_name", "point_of_hook", "REDUCTIONS"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,14 @@ def hook_name(key: str, layer: int | None = None) -> str:
             raise CtdInputError(f"point {key!r} needs a layer index")
         return point.hook.format(layer=layer)
     return point.hook
+
+
+def reduction_name(key: str, layer: int) -> str:
+    """Stored name of an attention reduction: ``reduction_name("region_mass", 3)`` ->
+    ``"blocks.3.attn.hook_pattern:region_mass"``."""
+    if key not in REDUCTIONS:
+        raise CtdInputError(f"unknown attention reduction {key!r}; known: {sorted(REDUCTIONS)}")
+    return REDUCTIONS[key][0].format(layer=layer)
 
 
 def point_of_hook(name: str) -> tuple[str, int | None]:

@@ -71,6 +71,7 @@ class ShardWriter:
 
     def __post_init__(self):
         self.root = Path(self.root)
+        self.settings = json.loads(json.dumps(self.settings, default=str))  # as shards.json stores it (tuples become lists)
         self.root.mkdir(parents=True, exist_ok=True)
         manifest = self.root / "shards.json"
         if manifest.exists():
@@ -207,6 +208,6 @@ class StoreReader:
             return handle.get_tensor(f"{doc_id}{SEP}positions"), handle.get_tensor(key)
 
 
-def open_store(run_dir: str | Path) -> StoreReader:
-    """The activation store of a run directory (``<run>/activations``)."""
-    return StoreReader(Path(run_dir) / STORE_DIR)
+def open_store(run_dir: str | Path, store_dir: str = STORE_DIR) -> StoreReader:
+    """The activation store of a run directory (``<run>/activations``, or another folder name)."""
+    return StoreReader(Path(run_dir) / store_dir)

@@ -13,7 +13,7 @@ import pandas as pd
 
 from probes.errors import input_error
 
-__all__ = ["LabelSpace", "normalize_text", "text_variants"]
+__all__ = ["LabelSpace", "normalize_text", "text_variants", "short_description", "lower_first"]
 
 _NON_WORD = re.compile(r"[^a-z0-9]+")
 _PAREN = re.compile(r"\s*\([^()]*\)")
@@ -35,6 +35,23 @@ def text_variants(text: str, aliases: list[str] = ()) -> list[str]:
             if candidate and candidate not in out:
                 out.append(candidate)
     return out
+
+
+def lower_first(phrase: str) -> str:
+    """Lower-case the first letter, as a phrase reads inside a sentence; acronyms and words with
+    digits ("HIV", "ST elevation", "2") keep their case."""
+    first = phrase.split(" ", 1)[0]
+    if len(first) > 1 and (first.isupper() or any(ch.isdigit() for ch in first)):
+        return phrase
+    return phrase[:1].lower() + phrase[1:]
+
+
+def short_description(text: str) -> str:
+    """A label's short description as a reasoning trace writes it after the code
+    ("I50.21 acute systolic heart failure"): the text without ICD's nonessential modifiers
+    (parentheticals, bracketed acronyms, "NOS"), first letter lower-cased."""
+    short = " ".join(_BRACKET.sub("", _PAREN.sub("", text)).replace(" NOS", "").split()).strip(" ,;")
+    return lower_first(short or text)
 
 
 @dataclass(frozen=True)

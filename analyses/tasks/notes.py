@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
 
-from analyses.tasks.labels import LabelSpace, normalize_text, text_variants as _variants
+from analyses.tasks.labels import LabelSpace, lower_first, normalize_text, text_variants as _variants
 
 __all__ = ["NoteGenerator", "NoteConfig", "generate_notes"]
 
@@ -52,14 +52,6 @@ class NoteConfig:
     near_miss_siblings: int = 8
     near_miss_neighbours: int = 4
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-
-
-def _lower_first(phrase: str) -> str:
-    # Keep acronyms and codes ("HIV", "ST elevation") as they are.
-    first = phrase.split(" ", 1)[0]
-    if len(first) > 1 and (first.isupper() or any(ch.isdigit() for ch in first)):
-        return phrase
-    return phrase[:1].lower() + phrase[1:]
 
 
 class NoteGenerator:
@@ -149,7 +141,7 @@ class NoteGenerator:
         evidence = []
         for g in gold:
             options = self._phrases[g]
-            phrase = _lower_first(options[int(rng.integers(len(options)))])
+            phrase = lower_first(options[int(rng.integers(len(options)))])
             template = _GOLD_TEMPLATES[int(rng.integers(len(_GOLD_TEMPLATES)))]
             sentences.append((template, {"kind": "gold", "label_id": g, "phrase": phrase}))
             contrast = closest.get(g)
@@ -173,7 +165,7 @@ class NoteGenerator:
                     continue
             kind = ("negated", "history", "family")[int(rng.integers(3))]
             options = self._phrases[d]
-            phrase = _lower_first(options[int(rng.integers(len(options)))])
+            phrase = lower_first(options[int(rng.integers(len(options)))])
             templates = _DISTRACTOR_TEMPLATES[kind]
             sentences.append((templates[int(rng.integers(len(templates)))], {"kind": kind, "label_id": d, "phrase": phrase}))
         order = rng.permutation(len(sentences))

@@ -2,32 +2,52 @@ import numpy as np
 import pandas as pd
 
 from analyses.boundary import Boundary
+from analyses.characterize import PROBE_TARGETS, bucket_names
 
 
-def test_internal_boundary_beats_the_fixed_half(organism_run):
+def test_internal_boundary_beats_the_fitted_constant(organism_run):
+    """The organism's boundary share varies from trace to trace, so a constant fitted on dev traces
+    cannot pass for an estimator: the internal one must be within 5% of the CoT and at most half
+    the constant's error (BENCHMARKS.md has both with CIs)."""
     run, results = organism_run
-    errors = results["boundary"].errors().set_index("estimator")
+    boundary = results["boundary"]
+    errors = boundary.errors(n_boot=300).set_index("estimator")
+    assert set(errors.index) == {"fixed", "constant", "behavioural", "internal"}
     internal = errors.loc["internal", "median_abs_error_frac"]
-    fixed = errors.loc["fixed", "median_abs_error_frac"]
-    # The issue's target: median error <= 5% of the CoT (BENCHMARKS.md has the value on these 60 test traces),
-    # and far better than tau = 0.5.
     assert internal <= 0.05, errors
-    assert internal < 0.5 * fixed, errors
+    assert internal <= 0.5 * errors.loc["constant", "median_abs_error_frac"], errors
+    assert (errors["ci_low"] <= errors["median_abs_error_frac"]).all() and (errors["median_abs_error_frac"] <= errors["ci_high"]).all()
+    ratio, lo, hi = boundary.ratio("internal", "constant", n_boot=300)
+    assert lo <= ratio <= hi
+    assert 0.0 < boundary.meta["constant_share"] < 1.0
     # the file round-trips
     again = Boundary.load(run / "boundary.parquet")
-    assert set(again.frame["estimator"]) == {"fixed", "behavioural", "internal"}
+    assert set(again.frame["estimator"]) == {"fixed", "constant", "behavioural", "internal"}
 
 
-def test_shuffled_label_probe_controls_sit_at_chance(organism_run):
+def test_true_boundary_shares_spread_across_traces(organism_run):
+    run, _ = organism_run
+    traces = pd.read_parquet(run / "traces.parquet")
+    share = (traces["true_boundary"] - traces["cot_start"]) / (traces["cot_end"] - traces["cot_start"])
+    assert share.max() - share.min() >= 0.35
+    assert np.subtract(*np.percentile(share, [75, 25])) >= 0.12
+
+
+def test_every_probe_cell_has_its_baselines_or_says_why_not(organism_run):
     _, results = organism_run
     f = results["probes"].frame
-    assert set(f["target"]) >= {"phase"}
+    expected = sum(4 * len(bucket_names(t)) for t in PROBE_TARGETS)
+    assert len(f) == expected  # no cell dropped silently
+    fitted = f[f["status"] == "fitted"]
+    assert len(fitted) >= 0.6 * expected
+    assert fitted[["majority", "token_baseline", "control_value", "minus_tokens", "selectivity"]].notna().all().all()
+    assert f.loc[f["status"] != "fitted", "value"].isna().all()
+    # phase cells hold both classes by construction (buckets by distance to each trace's boundary)
     phase = f[f["target"] == "phase"]
-    # Real probes decode the phase well above their controls; controls sit at the majority rate.
-    assert phase["value"].mean() > 0.8
-    assert (phase["value"] > phase["control_value"] + 0.1).mean() >= 0.75
-    assert (phase["control_value"] <= phase["majority"] + 0.1).mean() >= 0.8
-    assert (f["selectivity"] > 0).mean() >= 0.5
+    assert (phase["status"] == "fitted").all()
+    # probes read more than a control task of the same form does (selectivity), on most phase cells
+    assert (phase["selectivity"] > 0.05).mean() >= 0.75
+    assert ((fitted["minus_tokens_ci_low"] <= fitted["minus_tokens"]) & (fitted["minus_tokens"] <= fitted["minus_tokens_ci_high"])).all()
 
 
 def test_top_heads_are_reported_with_cis(organism_run):
@@ -39,6 +59,14 @@ def test_top_heads_are_reported_with_cis(organism_run):
         top = s.nsmallest(3, "rank")
         assert (top["ci_low"] <= top["value"]).all() and (top["value"] <= top["ci_high"]).all()
         assert top["value"].iloc[0] > s["value"].median()
+
+
+def test_dynamics_are_paired_per_trace(organism_run):
+    _, results = organism_run
+    changes = results["dynamics"].phase_changes().set_index("metric")
+    assert set(changes.index) == {f"{m}_change_{p}" for m in ("focus", "confusion") for p in ("phase1", "phase2")}
+    assert (changes["ci_low"] <= changes["value"]).all() and (changes["value"] <= changes["ci_high"]).all()
+    assert "rendering" in results["dynamics"].meta
 
 
 def test_every_result_draws_a_figure(organism_run):

@@ -1,79 +1,204 @@
+"""The patching instrument recovers a planted causal head, and its invariants hold."""
+
+import numpy as np
 import pytest
 import torch
 
 from probes.models import load_model
-from probes.patching import collect_head_activations, control_head_sets, ks_for, patched_generate, patched_logits
+from probes.patching import (
+    PatchInputs,
+    TokenReadout,
+    attribution_patching,
+    control_head_sets,
+    head_activations,
+    head_masks,
+    head_set_effects,
+    head_sweep,
+    ks_for_heads,
+    normalised_effect,
+    patch_hooks,
+)
+
+PLANTED = (1, 2)  # layer 1, head 2 carries the answer
+
+
+def _planted_model(folder, tokenizer, marker: int, target: int, seed: int = 0):
+    """A tiny Qwen3 whose head L1H2 attends to a marker token and writes the target's unembedding.
+
+    Residual dimension 0 is a marker channel (only the marker's embedding has it), dimension 1 a
+    constant channel. The planted head's query reads the constant channel, its key the marker
+    channel, both in the slowest-rotating RoPE pair, with large q/k norm weights: it attends to the
+    marker from every later position. Its value reads the marker channel and its output writes the
+    target's unembedding column. Every other weight is small and random.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    d_model, n_heads, head_dim = 64, 4, 16
+    config = Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=d_model, intermediate_size=64, num_hidden_layers=2, num_attention_heads=n_heads,
+        num_key_value_heads=n_heads, head_dim=head_dim, max_position_embeddings=256, tie_word_embeddings=False, rope_theta=1e6,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.02)
+        emb = model.model.embed_tokens.weight
+        emb.normal_(0, 1.0)
+        emb[:, 0] = 0.0
+        emb[marker, 0] = 12.0
+        emb[:, 1] = 6.0
+        layer, head = PLANTED
+        attn = model.model.layers[layer].self_attn
+        rows = slice(head * head_dim, (head + 1) * head_dim)
+        slow = head_dim // 2 - 1  # rotate_half pairs (i, i + d/2): i = d/2 - 1 turns slowest
+        attn.q_proj.weight[rows] = 0.0
+        attn.q_proj.weight[head * head_dim + slow, 1] = 1.0
+        attn.k_proj.weight[rows] = 0.0
+        attn.k_proj.weight[head * head_dim + slow, 0] = 1.0
+        attn.k_proj.weight[head * head_dim + slow + head_dim // 2, 1] = 0.05
+        attn.q_norm.weight[:] = 1.0
+        attn.k_norm.weight[:] = 1.0
+        attn.q_norm.weight[slow] = 6.0
+        attn.k_norm.weight[slow] = 6.0
+        attn.v_proj.weight[rows] = 0.0
+        attn.v_proj.weight[head * head_dim, 0] = 1.0
+        attn.o_proj.weight[:, rows] = 0.0
+        unembed = model.lm_head.weight[target]
+        attn.o_proj.weight[:, head * head_dim] = 3.0 * unembed / unembed.norm()
+        model.lm_head.weight[target] *= 4.0
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder / "tokenizer")
+    return folder
 
 
 @pytest.fixture(scope="module")
-def bridge(tiny_models):
-    return load_model(tiny_models["llama"])
+def planted(tmp_path_factory, tiny_tokenizer):
+    rng = np.random.default_rng(0)
+    vocab = len(tiny_tokenizer)
+    marker, target = 101, 202
+    folder = _planted_model(tmp_path_factory.mktemp("planted") / "model", tiny_tokenizer, marker, target)
+    bridge = load_model(folder)
+    clean, corrupt, readout_items = [], [], []
+    for length in (18, 23, 27, 21, 30):  # different lengths: left padding in the batch
+        seq = rng.integers(300, vocab - 50, size=length).tolist()
+        where = int(rng.integers(2, 8))
+        seq[where] = marker
+        bad = list(seq)
+        bad[where] = int(rng.integers(300, vocab - 50))
+        clean.append(seq)
+        corrupt.append(bad)
+        readout_items.append([((length - 1,), (target,), ())])
+    inputs = PatchInputs.from_sequences(clean, corrupt, tiny_tokenizer.pad_token_id)
+    readout = TokenReadout("target_logprob", readout_items)
+    return bridge, inputs, readout, [seq.index(marker) for seq in clean]
 
 
-def _pair(bridge):
-    tok = bridge.tokenizer
-    clean = tok.encode("<note> Presents with chronic systolic heart failure. </note>\n<think>\nCandidates:", add_special_tokens=False)
-    corrupt = list(clean)
-    anchor = list(range(4, 8))  # swap four document tokens for other tokens, same count
-    for i in anchor:
-        corrupt[i] = (corrupt[i] + 17) % len(tok)
-    return torch.tensor([clean]), torch.tensor([corrupt]), anchor
+def _ranking(effects: dict, mode: str) -> list[tuple[int, int]]:
+    return sorted(effects, key=lambda h: -effects[h][mode])
 
 
-def test_patching_a_head_with_its_own_activation_changes_nothing(bridge):
-    clean, _, _ = _pair(bridge)
-    layers = range(bridge.cfg.n_layers)
-    own = collect_head_activations(bridge, clean, layers)
+def test_the_readout_moves(planted):
+    bridge, inputs, readout, _ = planted
+    runs, _ = head_set_effects(bridge, inputs, [readout], [])
+    gap = runs.clean["target_logprob"] - runs.corrupt["target_logprob"]
+    assert (gap > 2.0).all(), gap  # several nats: the planted head decides the read-out
+
+
+def test_sweep_and_attribution_rank_the_planted_head_first(planted):
+    bridge, inputs, readout, _ = planted
+    runs, sweep = head_sweep(bridge, inputs, [readout])
+    clean, corrupt = runs.clean["target_logprob"], runs.corrupt["target_logprob"]
+    effects = {}
+    for (layer, head, mode), values in sweep.items():
+        effects.setdefault((layer, head), {})[mode] = float(np.mean(normalised_effect(mode, clean, corrupt, values["target_logprob"])))
+    for mode in ("denoise", "noise"):
+        ranking = _ranking(effects, mode)
+        assert ranking[0] == PLANTED, (mode, ranking[:3])
+        assert effects[PLANTED][mode] > 0.8
+        assert max(abs(effects[h][mode]) for h in ranking[1:]) < 0.2
+    estimates = attribution_patching(bridge, inputs, [readout])
+    for mode in ("denoise", "noise"):
+        per_head = estimates[(mode, "target_logprob")].mean(0)  # [layer, head]
+        sign = 1 if mode == "denoise" else -1  # noise estimates the (negative) change in the clean run
+        flat = (sign * per_head).flatten()
+        assert int(flat.argmax()) == PLANTED[0] * bridge.cfg.n_heads + PLANTED[1], (mode, per_head)
+
+
+def test_patching_every_head_everywhere_recovers_the_whole_gap(planted, tiny_models, tiny_tokenizer):
+    bridge, inputs, readout, _ = planted
+    heads = [(l, h) for l in range(bridge.cfg.n_layers) for h in range(bridge.cfg.n_heads)]
+    runs, (per_mode,) = head_set_effects(bridge, inputs, [readout], [heads])
+    clean, corrupt = runs.clean["target_logprob"], runs.corrupt["target_logprob"]
+    np.testing.assert_allclose(normalised_effect("denoise", clean, corrupt, per_mode["denoise"]["target_logprob"]), 1.0, atol=1e-4)
+    np.testing.assert_allclose(normalised_effect("noise", clean, corrupt, per_mode["noise"]["target_logprob"]), 1.0, atol=1e-4)
+    # and on a random model, read at every position after the corruption
+    random_bridge = load_model(tiny_models["qwen3"])
+    rng = np.random.default_rng(1)
+    seqs = [rng.integers(5, len(tiny_tokenizer), size=n).tolist() for n in (15, 19)]
+    bad = [list(s) for s in seqs]
+    for s in bad:
+        s[3] = (s[3] + 11) % len(tiny_tokenizer)
+    items = [[((p,), (s[p + 1],), ()) for p in range(4, len(s) - 1)] for s in seqs]
+    inputs2 = PatchInputs.from_sequences(seqs, bad, tiny_tokenizer.pad_token_id)
+    every = [(l, h) for l in range(random_bridge.cfg.n_layers) for h in range(random_bridge.cfg.n_heads)]
+    runs, (per_mode,) = head_set_effects(random_bridge, inputs2, [TokenReadout("next", items)], [every])
+    np.testing.assert_allclose(per_mode["denoise"]["next"], runs.clean["next"], atol=1e-4)
+    np.testing.assert_allclose(per_mode["noise"]["next"], runs.corrupt["next"], atol=1e-4)
+
+
+def test_pattern_patching_after_the_corrupted_token(planted):
+    """Patterns move where a head looks, not what it reads: the planted head's clean pattern in
+    the corrupted run attends to a token that carries no marker (no recovery), while its corrupted
+    pattern in the clean run looks away from the marker (full damage). Patched at query positions
+    after the corrupted token only."""
+    bridge, inputs, readout, markers = planted
+    after = inputs.position_mask([list(range(m + 1, int(n))) for m, n in zip(markers, inputs.lengths)])
+    runs, sweep = head_sweep(bridge, inputs, [readout], positions=after, what="pattern")
+    clean, corrupt = runs.clean["target_logprob"], runs.corrupt["target_logprob"]
+    damage = {(l, h): float(np.mean(normalised_effect("noise", clean, corrupt, v["target_logprob"]))) for (l, h, mode), v in sweep.items() if mode == "noise"}
+    recovery = {(l, h): float(np.mean(normalised_effect("denoise", clean, corrupt, v["target_logprob"]))) for (l, h, mode), v in sweep.items() if mode == "denoise"}
+    assert max(damage, key=damage.get) == PLANTED and damage[PLANTED] > 0.8
+    assert abs(recovery[PLANTED]) < 0.2
+    # the patched rows really changed: the clean pattern of the planted head sits on the marker
+    acts = head_activations(bridge, inputs.clean, inputs, [PLANTED[0]], what="pattern")[PLANTED[0]]
+    last = inputs.attention_mask.shape[1] - 1
+    for b, m in enumerate(markers):
+        assert acts[b, PLANTED[1], last, inputs.offsets[b] + m] > 0.9
+
+
+def test_patch_positions_outside_the_mask_are_untouched(planted):
+    bridge, inputs, readout, markers = planted
+    acts = head_activations(bridge, inputs.corrupt, inputs, range(bridge.cfg.n_layers))
+    before = inputs.position_mask([list(range(0, m)) for m in markers])  # positions before the marker
+    masks = head_masks([PLANTED], bridge.cfg.n_layers, bridge.cfg.n_heads)
+    seen = {}
+
+    def grab(tensor, hook):
+        seen["z"] = tensor.detach().clone()
+
+    clean_z = head_activations(bridge, inputs.clean, inputs, [PLANTED[0]])[PLANTED[0]]
     with torch.no_grad():
-        reference = bridge(clean)[0]
-    heads = [(l, h) for l in layers for h in range(bridge.cfg.n_heads)]
-    out = patched_logits(bridge, clean, heads, own, range(clean.shape[1]))
-    torch.testing.assert_close(out, reference, atol=0, rtol=0)
+        bridge.run_with_hooks(inputs.clean, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, fwd_hooks=patch_hooks(acts, masks, before) + [(f"blocks.{PLANTED[0]}.attn.hook_z", grab)])
+    z = seen["z"]
+    changed = (z != clean_z).any(-1)  # [batch, pos, head]
+    assert not changed[~before].any()  # nothing outside the chosen positions
+    assert not changed[..., [h for h in range(bridge.cfg.n_heads) if h != PLANTED[1]]].any()  # nor other heads
 
 
-@pytest.mark.parametrize("what", ["z", "pattern"])
-def test_patching_every_head_from_clean_into_corrupted_reproduces_clean_logits(bridge, what):
-    clean, corrupt, anchor = _pair(bridge)
-    layers = range(bridge.cfg.n_layers)
-    heads = [(l, h) for l in layers for h in range(bridge.cfg.n_heads)]
-    with torch.no_grad():
-        clean_logits = bridge(clean)[0]
-        corrupt_logits = bridge(corrupt)[0]
-    positions = range(clean.shape[1])
-    if what == "z":
-        source = collect_head_activations(bridge, clean, layers, "z")
-        out = patched_logits(bridge, corrupt, heads, source, positions, "z")
-        # Outside the swapped tokens, the residual stream only hears the anchors through attention.
-        keep = [i for i in positions if i not in anchor]
-        torch.testing.assert_close(out[keep], clean_logits[keep], atol=1e-4, rtol=1e-4)
-        assert not torch.allclose(corrupt_logits[keep], clean_logits[keep], atol=1e-3)
-    else:
-        # Patching the pattern alone leaves the corrupted values: only the positions before the
-        # first swapped token are fully clean; the rest must move toward clean.
-        source = collect_head_activations(bridge, clean, layers, "pattern")
-        out = patched_logits(bridge, corrupt, heads, source, positions, "pattern")
-        torch.testing.assert_close(out[: anchor[0]], clean_logits[: anchor[0]], atol=1e-4, rtol=1e-4)
-
-
-def test_control_draws_are_seeded_and_without_replacement():
+def test_k_grid_and_random_sets():
+    assert ks_for_heads(32) == [1, 2, 3, 4]
+    big = ks_for_heads(28 * 12 * 4)
+    assert big[0] >= 1 and big[-1] == round(0.02 * 28 * 12 * 4)
     ranking = [(l, h) for l in range(4) for h in range(8)]
-    a = control_head_sets(ranking, 8, n_random=3, seed=5)
-    b = control_head_sets(ranking, 8, n_random=3, seed=5)
-    assert a == b
-    assert [s.name for s in a] == ["ranked", "random-0", "random-1", "random-2", "lowest"]
-    for s in a:
-        assert len(set(s.heads)) == len(s.heads) == 8
-    assert a[1].heads != a[2].heads
-    assert a[0].heads == tuple(ranking[:8]) and a[-1].heads == tuple(ranking[-8:])
-    assert control_head_sets(ranking, 8, seed=6)[1].heads != a[1].heads
-    assert ks_for(32) == [3, 8, 16, 32] and ks_for(500) == [3, 8, 16, 40, 100]
-
-
-def test_patched_generation_only_patches_the_prefix(bridge):
-    clean, corrupt, _ = _pair(bridge)
-    layers = range(bridge.cfg.n_layers)
-    heads = [(l, h) for l in layers for h in range(bridge.cfg.n_heads)]
-    own = collect_head_activations(bridge, corrupt, layers)
-    plain = patched_generate(bridge, corrupt, [], own, [], max_new_tokens=6)
-    same = patched_generate(bridge, corrupt, heads, own, range(corrupt.shape[1]), max_new_tokens=6)
-    assert plain == same and len(plain) == 6
+    for k in (1, 2, 3, 4):
+        sets = control_head_sets(ranking, k, n_random=5, seed=0)
+        top = set(sets[0].heads)
+        for s in sets[1:-1]:
+            assert len(s.heads) == k and not top & set(s.heads)  # random sets never hold a ranked head
+        assert set(sets[-1].heads) == set(ranking[-k:])
+    with pytest.raises(Exception):
+        control_head_sets(ranking, 20)

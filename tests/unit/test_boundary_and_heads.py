@@ -19,10 +19,23 @@ def test_change_point_recovers_a_planted_break(seed):
     assert abs(change_point(signal) - tau) <= 2
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_change_point_equals_ruptures_exact_search(seed):
+    """The closed-form single break is ruptures' exact dynamic programme (l2 cost, one break)."""
+    import ruptures
+
+    rng = np.random.default_rng(100 + seed)
+    n, k = int(rng.integers(20, 120)), int(rng.integers(1, 5))
+    signal = rng.normal(size=(n, k)).cumsum(0)  # random walks: breaks anywhere, no planted one
+    x = (signal - signal.mean(0)) / signal.std(0)
+    expected = ruptures.Dynp(model="l2", min_size=3, jump=1).fit(x).predict(n_bkps=1)[0]
+    assert change_point(signal, min_size=3) == expected
+
+
 def test_change_point_degenerate_inputs():
     assert change_point(np.zeros((30, 2))) == 15  # no signal at all: the midpoint
     assert change_point(np.arange(4.0)) == 2  # too short to split
-    assert set(ESTIMATORS) >= {"fixed", "behavioural", "internal"}
+    assert set(ESTIMATORS) >= {"fixed", "constant", "behavioural", "internal"}
 
 
 def test_kurtosis_of_sharp_and_flat_attention():

@@ -39,7 +39,7 @@ def test_every_figure_draws_from_a_small_frame(tmp_path):
     _check(LensResult(ln).figure())
     pt = pd.DataFrame([{"doc_id": None, "mode": m, "score": s, "k": k, "head_set": hs_, "metric": "margin", "value": 0.1 * k, "ci_low": 0.0, "ci_high": 1.0} for m in ("denoise", "noise") for s in ("coarse", "refine") for k in (3, 8) for hs_ in ("ranked", "random-0", "lowest")])
     _check(PatchingResult(pt).figure())
-    iso = pd.DataFrame([{"condition": c, "metric": "micro_f1", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6} for c in ("full", "retriever", "inject:retriever", "truncate@0.5")] + [{"condition": "complementarity", "metric": "verdict", "value": 1.0, "ci_low": np.nan, "ci_high": np.nan}])
+    iso = pd.DataFrame([{"condition": c, "metric": "micro_f1", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6} for c in ("full_model", "retriever_alone", "retriever_shortlist+phase2", "phase1_only@0.5")] + [{"condition": "complementarity", "metric": "verdict", "value": 1.0, "ci_low": np.nan, "ci_high": np.nan}])
     fig = _check(IsolationResult(iso).figure())
     assert "complementary" in fig.layout.title.text
     ds = pd.DataFrame([{"condition": c, "seed": s, "metric": "micro_f1", "value": 0.3 + 0.01 * s} for c in ("standard", "mechanistic") for s in range(3)])

@@ -130,3 +130,21 @@ def test_notes_carry_distractors_of_each_kind(notes):
     texts = " ".join(notes["text"])
     for cue in ("Denies", "History of", "Family history of"):
         assert cue in texts
+
+
+def test_the_organism_fixture_shares_no_note_with_the_default_runs_dev_notes():
+    """Boundary settings are tuned on the default run's dev notes; the fixture that tests them
+    must not contain any of them (nor of the notes the organism was trained on)."""
+    from analyses.config import RunConfig
+    from analyses.organism import OrganismConfig, organism_notes
+    from analyses.tasks.sources import load_dataset
+    from tests.conftest import FIXTURE_NOTE_SEED
+
+    default = RunConfig()
+    tuned_on = load_dataset("icd10cm", seed=default.seed, **default.dataset_options).split("dev")
+    fixture = load_dataset("icd10cm", chapters=["9"], n_docs=600, seed=FIXTURE_NOTE_SEED).docs
+    assert len(tuned_on) == 100
+    assert not set(fixture["text"]) & set(tuned_on["text"])
+    config = OrganismConfig(n_train_docs=2000)  # the first notes of the organism's training stream
+    _, trained_on = organism_notes(config)
+    assert not set(fixture["text"]) & set(trained_on["text"])

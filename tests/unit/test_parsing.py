@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
 
-from analyses.organism import build_corpus, teacher_trace, train_tokenizer
+from analyses.organism import boundary_char, build_corpus, teacher_trace, train_tokenizer
+from analyses.tasks.labels import short_description
 from analyses.parsing import GROWTH_GRID, Region, TraceParser, token_char_spans
 from analyses.prompts import get_template
 from analyses.tasks.labels import LabelSpace
@@ -110,7 +111,6 @@ def test_token_char_spans_cover_text(tok):
 
 def test_teacher_trace_parses_back(heart_labels, heart_notes):
     parser = TraceParser(heart_labels)
-    rng = np.random.default_rng(0)
     for _, row in heart_notes.head(30).iterrows():
         trace = teacher_trace(row, heart_labels)
         mentions = parser.find_mentions(trace, 0, trace.index("</think>"))
@@ -118,7 +118,11 @@ def test_teacher_trace_parses_back(heart_labels, heart_notes):
         assert set(row["gold"]) <= shortlist
         answer = trace[trace.index("<answer>") + 8 : trace.index("</answer>")].split(", ")
         assert sorted(answer) == sorted(heart_labels.codes[g] for g in row["gold"])
-        assert trace.index("Check ") > trace.index("Candidates:")
+        assert boundary_char(trace) > trace.index("Candidates:")
+        # every code in the CoT carries its short description, and parses as one mention
+        for label, start, end, kind in mentions:
+            if kind == "code":
+                assert trace[start:end].startswith(heart_labels.codes[label] + " " + short_description(heart_labels.texts[label]))
 
 
 def test_injected_shortlist_round_trips_through_the_parser(heart_labels, tiny_tokenizer):
@@ -126,7 +130,7 @@ def test_injected_shortlist_round_trips_through_the_parser(heart_labels, tiny_to
 
     parser = TraceParser(heart_labels)
     codes = ["I50.22", "I50.21", "I31.4", "I48.0"]
-    injected = shortlist_text(codes) + "Check I50.22: chronic -> keep.\n</think>\n<answer>I50.22</answer>"
+    injected = shortlist_text([heart_labels.id_of(c) for c in codes], heart_labels) + "Check I50.22: chronic -> keep.\n</think>\n<answer>I50.22</answer>"
     prompt = "<note> x </note>\n<think>\n"
     enc = tiny_tokenizer(prompt, add_special_tokens=False)
     parsed = parser.parse(tiny_tokenizer, enc["input_ids"], tiny_tokenizer.encode(injected, add_special_tokens=False))
@@ -134,23 +138,44 @@ def test_injected_shortlist_round_trips_through_the_parser(heart_labels, tiny_to
     assert parsed.answer == [heart_labels.id_of("I50.22")] and parsed.well_formed
 
 
+def _phase1_groups(trace: str, labels) -> list[list[int]]:
+    """Label ids listed on each phase-1 line, in order."""
+    parser = TraceParser(labels, match_texts=False)
+    lines = trace[: boundary_char(trace)].strip().split("\n")
+    return [[m[0] for m in parser.find_mentions(line)] for line in lines]
+
+
 def test_teacher_lists_candidates_in_note_order_without_revealing_gold(heart_labels, heart_notes):
-    """The shortlist follows the note (learnable), and a gold code's place beside its sibling
-    is set by code order, not by being gold (so the order does not give the answer away)."""
+    """Phase 1 follows the note (learnable), and a gold code's place beside its sibling is set by
+    code order, not by being gold (so the order does not give the answer away)."""
     gold_first = pairs = 0
     for _, row in heart_notes.iterrows():
         trace = teacher_trace(row, heart_labels)
-        listed = trace[len("Candidates: ") : trace.index(".\n")].split(", ")
-        ids = [heart_labels.codes.index(c) for c in listed]
+        groups = _phase1_groups(trace, heart_labels)
         start = {int(s["label_id"]): int(s["start"]) for s in list(row["anchors"]) + list(row["distractors"])}
-        contrast = {int(e["contrast"]): int(e["label_id"]) for e in row["evidence"] if int(e["contrast"]) >= 0}
-        finding_of = [start.get(i, start.get(contrast.get(i, -1), -1)) for i in ids]
-        assert finding_of == sorted(finding_of), (row["text"], listed)
+        finding_of = [start[[i for i in group if i in start][0]] for group in groups]
+        assert finding_of == sorted(finding_of), (row["text"], trace)
+        gold = set(map(int, row["gold"]))
         answer = trace[trace.index("<answer>") + 8 : trace.index("</answer>")].split(", ")
-        assert answer == [c for c in listed if heart_labels.codes.index(c) in set(map(int, row["gold"]))]
-        for g, c in ((int(e["label_id"]), int(e["contrast"])) for e in row["evidence"]):
-            if c >= 0 and heart_labels.codes[c] in listed and c not in start:
+        assert answer == [heart_labels.codes[i] for group in groups for i in group if i in gold]
+        for group in groups:
+            if len(group) == 2 and len(gold & set(group)) == 1:
                 pairs += 1
-                gold_first += listed.index(heart_labels.codes[g]) < listed.index(heart_labels.codes[c])
+                gold_first += group[0] in gold
+                assert heart_labels.codes[group[0]] < heart_labels.codes[group[1]]
     assert pairs >= 30
     assert 0.25 <= gold_first / pairs <= 0.75, (gold_first, pairs)
+
+
+def test_phase_lengths_vary_with_the_note(heart_labels, heart_notes):
+    """Residual codes ("unspecified") are checked against their siblings, explicit ones kept on
+    their evidence; negated findings are ruled out in phase 1: the boundary's share of the CoT
+    spreads widely over notes (DESIGN §5)."""
+    shares = []
+    for _, row in heart_notes.iterrows():
+        trace = teacher_trace(row, heart_labels)
+        cot = trace[: trace.index("</think>")]
+        shares.append(boundary_char(trace) / len(cot))
+    shares = np.array(shares)
+    assert shares.min() < 0.2 and shares.max() > 0.6
+    assert np.subtract(*np.percentile(shares, [75, 25])) >= 0.15

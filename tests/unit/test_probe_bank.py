@@ -78,3 +78,39 @@ def test_more_features_than_rows_still_solves_and_matches_scikit_learn():
         ours = (bank.decision(g, p.features) > 0).astype(int)
         theirs = (reference.decision(g, p.features) > 0).astype(int)
         assert (ours == theirs).mean() >= 0.99
+
+
+def test_auto_takes_the_faster_path_for_the_device_and_says_so():
+    problems, test_masks = _problems(groups=3)
+    train = [~m for m in test_masks]
+    fit = fit_probe_bank(problems, train, device="cpu")
+    assert fit.solver.startswith("sklearn")  # measured faster than the batched Newton bank on CPUs
+    reference = evaluate_bank(fit_sklearn(problems, train, n_jobs=1), problems, test_masks)
+    for a, b in zip(evaluate_bank(fit, problems, test_masks), reference):
+        assert a["accuracy"] == b["accuracy"]  # threads change nothing but the wall time
+    assert fit_probe_bank(problems, train, solver="newton", device="cpu").solver == "newton (cpu)"
+
+
+def test_token_identity_baseline_and_control_task():
+    from analyses.characterize import control_labels, token_identity_predict
+
+    rng = np.random.default_rng(0)
+    cur = rng.integers(0, 30, size=400)
+    prev = rng.integers(0, 30, size=400)
+    tokens = np.stack([cur, prev], axis=1)
+    # a label that is a function of the current token alone: the lookup recovers it exactly
+    y = (cur % 3 == 0).astype(int)
+    pred = token_identity_predict(tokens[:300], y[:300], tokens[300:])
+    assert (pred == y[300:]).mean() == 1.0
+    # a label that depends on the pair: the pair lookup wins over the current token's majority
+    y_pair = ((cur + prev) % 2).astype(int)
+    seen = token_identity_predict(tokens, y_pair, tokens)
+    assert (seen == y_pair).mean() > 0.95
+    # an unseen token backs off to the training majority
+    assert token_identity_predict(tokens[:10], np.ones(10, int), np.array([[999, 998]]))[0] == 1
+    # control task: one label per token type, at the requested rate
+    labels = control_labels(cur, 0.3, seed=1)
+    for t in np.unique(cur):
+        assert len(set(labels[cur == t])) == 1
+    assert 0.1 < labels.mean() < 0.5
+    assert (control_labels(cur, 0.3, seed=1) == labels).all()
