@@ -27,7 +27,7 @@ from analyses.results import FrameResult
 from analyses.tasks.metrics import bootstrap_ci
 from analyses.tasks.sources import Dataset
 from probes.errors import input_error
-from probes.heads import anchor_direction, coarse_terms, distinguishing_tokens, margin_gradient, refine_terms
+from probes.heads import anchor_direction, coarse_terms, margin_gradient, margin_pairs, refine_terms
 from probes.lens import lens_scores, readout_of
 from probes.linear import ProbeProblem, fit_probe_bank, split_by_document
 from probes.points import hook_name, reduction_name
@@ -171,22 +171,6 @@ def _code_tokens(tokenizer, code: str) -> list[int]:
     return tokenizer.encode(" " + code, add_special_tokens=False)
 
 
-def _margin_pairs(tokenizer, labels, gold: list[int], near: list[int]) -> list[list[tuple[int, int]]]:
-    cache: dict[int, list[int]] = {}
-
-    def toks(i: int) -> list[int]:
-        if i not in cache:
-            cache[i] = _code_tokens(tokenizer, labels.codes[i])
-        return cache[i]
-
-    pairs = []
-    for g in gold:
-        gp = [p for n in near if (p := distinguishing_tokens(toks(g), toks(n))) is not None]
-        if gp:
-            pairs.append(gp)
-    return pairs
-
-
 def _bin_of(norm: np.ndarray, n_bins: int = N_TIME_BINS) -> np.ndarray:
     return np.clip((norm * n_bins).astype(int), 0, n_bins - 1)
 
@@ -227,7 +211,7 @@ def compute_head_scores(store, bridge, traces: pd.DataFrame, docs: pd.DataFrame,
         coarse_doc = np.full(n_layers * n_heads, np.nan)
         refine_doc = np.full(n_layers * n_heads, np.nan)
         direction = anchor_direction(w_u, anchors) if anchors else None
-        pairs = _margin_pairs(tokenizer, labels, gold, near)
+        pairs = margin_pairs(tokenizer, labels.codes, gold, near)
         grad = None
         if late.any() and pairs:
             _, grad = margin_gradient(final[late].float(), readout, pairs)
@@ -489,7 +473,7 @@ def compute_lens(store, bridge, traces, docs, labels, n_boot: int, seed: int) ->
         near = [int(n) for n in doc["near_miss"]] if "near_miss" in doc and doc["near_miss"] is not None else []
         tokens = []
         for a in trace.answer:
-            pairs = _margin_pairs(tokenizer, labels, [int(a)], near)
+            pairs = margin_pairs(tokenizer, labels.codes, [int(a)], near)
             tokens.append(pairs[0][0][0] if pairs else _code_tokens(tokenizer, labels.codes[int(a)])[-1])
         if not tokens:
             continue

@@ -192,21 +192,43 @@ def _cmd_distill(args) -> int:
 
     from analyses.distill import DistillConfig, distill_run
 
-    config = DistillConfig.quick() if args.quick else DistillConfig()
+    config = DistillConfig.pilot() if args.pilot else DistillConfig.quick() if args.quick else DistillConfig()
     if args.steps is not None:
         config.steps = args.steps
     if args.seeds is not None:
         config.seeds = tuple(range(args.seeds))
+    if args.student is not None:
+        config.student = str(Path(args.student).resolve())
+    if args.conditions:
+        config.conditions = tuple(args.conditions)
+    stem = "distill_pilot" if args.pilot else "distill"
+
     def produce(manifest):
         result = distill_run(args.run, config, manifest=manifest)
-        result.save(Path(args.run) / "distill.parquet")
+        result.save(Path(args.run) / f"{stem}.parquet")
         return result
 
-    result = _as_stage(args.run, "distill", asdict(config), ["distill.parquet", "head_map.json", "students/"], produce)
-    summary = result.frame[result.frame["seed"] >= 0].groupby(["condition", "metric"])["value"].mean().unstack()
-    print(summary[["micro_f1", "p_at_1", "shortlist_recall", "las"]].to_string())
-    paired = result.frame[result.frame["seed"] < 0]
-    print(paired[["condition", "metric", "value", "ci_low", "ci_high"]].to_string(index=False))
+    outputs = [f"{stem}.parquet", "head_map.json"] if args.pilot else ["distill.parquet", "head_map.json", "students/"]
+    result = _as_stage(args.run, stem, asdict(config), outputs, produce)
+    finals = result.finals.groupby(["condition", "metric"])["value"].mean().unstack()
+    print(finals[[c for c in ("micro_f1", "gold_logprob", "ce_phase2", "transfer_kl_phase1", "transfer_kl_phase2", "steps") if c in finals]].to_string())
+    diffs = result.differences
+    if len(diffs):
+        print(diffs[diffs["metric"].str.startswith(("micro_f1", "gold_logprob"))][["condition", "metric", "value", "ci_low", "ci_high", "p_value", "p_holm"]].to_string(index=False))
+    print(f"training notes cover {result.meta['coverage']['share_seen_in_training_traces']:.1%} of the evaluation gold codes")
+    return 0
+
+
+def _cmd_student_train(args) -> int:
+    from analyses.student import StudentBaseConfig, default_student_base_path, train_student_base
+
+    config = StudentBaseConfig.quick() if args.quick else StudentBaseConfig()
+    if args.minutes is not None:
+        config.time_budget_s = 60.0 * args.minutes
+    out = Path(args.out) if args.out else default_student_base_path()
+    path = train_student_base(out, args.teacher, config)
+    meta = json.loads((path / "ctd_student.json").read_text())
+    print(json.dumps({"out": str(path), "steps": meta["steps"], "train_seconds": meta["train_seconds"], **meta["before_distillation"]}, indent=2))
     return 0
 
 
@@ -289,12 +311,24 @@ def build_parser() -> argparse.ArgumentParser:
     iso.add_argument("--seed", type=int, default=0)
     iso.set_defaults(func=_cmd_isolate)
 
-    dist = sub.add_parser("distill", help="standard vs mechanistic distillation with ablations")
+    dist = sub.add_parser("distill", help="standard vs mechanistic distillation from the student base, with ablations")
     dist.add_argument("--run", required=True)
-    dist.add_argument("--quick", action="store_true", help="fewer conditions, documents and steps (about 5 minutes)")
+    dist.add_argument("--quick", action="store_true", help="two conditions, few notes and steps (a smoke test)")
+    dist.add_argument("--pilot", action="store_true", help="the learning-curve pilot on dev notes that chooses the default steps (writes distill_pilot.parquet)")
     dist.add_argument("--steps", type=int)
     dist.add_argument("--seeds", type=int, help="number of seeds (0..N-1)")
+    dist.add_argument("--student", help="folder of the student base (default: the shipped one)")
+    dist.add_argument("--conditions", nargs="+", help="conditions to train (standard, mechanistic, standard_equal_compute, no_phase1, no_phase2, no_attn, no_loop, no_write, no_int)")
     dist.set_defaults(func=_cmd_distill)
+
+    student = sub.add_parser("student", help="the student base distillation starts from")
+    student_sub = student.add_subparsers(dest="student_command", required=True)
+    strain = student_sub.add_parser("train", help="train the student base on notes and the code dictionary (no task format)")
+    strain.add_argument("--out", help="output folder (default: the shipped base, analyses/assets/student_base)")
+    strain.add_argument("--teacher", help="the teacher folder whose tokenizer and label space it uses (default: the organism)")
+    strain.add_argument("--quick", action="store_true", help="a tiny base in about a minute (for CI)")
+    strain.add_argument("--minutes", type=float, help="time budget of the training loop")
+    strain.set_defaults(func=_cmd_student_train)
 
     data = sub.add_parser("data", help="inspect dataset sources")
     data_sub = data.add_subparsers(dest="data_command", required=True)

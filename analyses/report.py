@@ -61,6 +61,8 @@ def collect_figures(run_dir: str | Path) -> dict[str, object]:
     if have("distill"):
         distill = DistillResult.load(run_dir / "distill.parquet")
         figures["distill"] = distill.figure()
+        figures["distill_learning_curves"] = distill.curve_figure()
+        figures["distill_mechanism_transfer"] = distill.transfer_figure()
         figures["distill_trajectories"] = distill.trajectory_figure()
     return figures
 
@@ -169,11 +171,14 @@ def _key_tables(run_dir: Path) -> list[str]:
         out.append(_table(iso[iso["metric"].isin(["micro_f1", "verdict", "f1_gain_over_phase1_alone", "f1_gain_over_phase2_alone", "f1_gain_over_retriever_alone"])][["condition", "metric", "value", "ci_low", "ci_high"]], "Isolation and complementarity"))
     if (run_dir / "distill.parquet").exists():
         d = pd.read_parquet(run_dir / "distill.parquet")
-        per = d[d["seed"] >= 0].groupby(["condition", "metric"])["value"].mean().unstack().reset_index()
-        out.append(_table(per, "Distillation: mean over seeds"))
-        paired = d[d["seed"] < 0][["condition", "metric", "value", "ci_low", "ci_high"]]
+        finals = d[(d["seed"] >= 0) & ~d["metric"].str.startswith("curve:")]
+        per = finals.groupby(["condition", "metric"])["value"].mean().unstack()
+        keep = [c for c in ("micro_f1", "p_at_1", "well_formed", "gold_logprob", "ce_phase1", "ce_phase2", "transfer_kl_phase1", "transfer_kl_phase2", "las", "steps", "seconds_per_step") if c in per]
+        out.append(_table(per[keep].reset_index(), "Distillation: mean over seeds"))
+        paired = d[d["seed"] < 0]
+        columns = [c for c in ("condition", "metric", "value", "ci_low", "ci_high", "p_value", "p_holm") if c in paired]
         if len(paired):
-            out.append(_table(paired, "Distillation: paired differences to standard (95% CI)"))
+            out.append(_table(paired[columns], "Distillation: paired differences (seed x note bootstrap, 95% CI; ablation family Holm-adjusted)"))
     return out
 
 

@@ -21,6 +21,7 @@ from probes.errors import CtdNumericalError
 from probes.typing import HeadWrite, HeadZ
 
 __all__ = [
+    "margin_pairs",
     "head_writes",
     "coarse_terms",
     "refine_terms",
@@ -76,6 +77,25 @@ def distinguishing_tokens(gold: Sequence[int], other: Sequence[int]) -> tuple[in
         if a != b:
             return int(a), int(b)
     return None
+
+
+def margin_pairs(tokenizer, codes: Sequence[str], gold: Sequence[int], near: Sequence[int]) -> list[list[tuple[int, int]]]:
+    """Per gold label, one (gold token, near-miss token) pair per near-miss: the first tokens where
+    their codes' tokenisations (as written after a space) part (see :func:`distinguishing_tokens`).
+    Gold labels with no distinguishable near-miss are left out."""
+    cache: dict[int, list[int]] = {}
+
+    def tokens(i: int) -> list[int]:
+        if i not in cache:
+            cache[i] = tokenizer.encode(" " + codes[i], add_special_tokens=False)
+        return cache[i]
+
+    pairs = []
+    for g in gold:
+        found = [p for n in near if (p := distinguishing_tokens(tokens(g), tokens(n))) is not None]
+        if found:
+            pairs.append(found)
+    return pairs
 
 
 def label_margin(

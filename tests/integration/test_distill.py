@@ -1,11 +1,14 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from analyses.distill import CONDITIONS, DistillConfig, _collate, _examples, _forward_with_heads, attention_kl, map_heads, mechanistic_loss, train_student, write_alignment
+from analyses.distill import CONDITIONS, attention_kl, build_examples, choose_training_notes, collate, forward_with_heads, holm, map_heads, mechanistic_loss, next_token_loss, train_student, write_alignment
+from analyses.distill.data import capture_teacher_rows, load_teacher_rows
+from analyses.distill.evaluation import paired_trajectory_distance
 from analyses.organism import build_corpus
 from analyses.parsing import TraceParser
-from probes.models import load_hf_model
+from probes.models import build_tiny_model, load_hf_model, load_model
 
 
 def test_attention_kl_is_zero_for_identical_attention_and_positive_otherwise():
@@ -35,14 +38,28 @@ def test_head_map_is_deterministic_and_injective():
     assert a[(3, 1)] == (1, int(np.argmax(sim[0])))
 
 
+def test_holm_adjustment():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+def test_training_notes_cover_the_evaluation_codes(heart_notes):
+    train, evaluate = heart_notes.iloc[:90], heart_notes.iloc[90:110]
+    picked, record = choose_training_notes(train, evaluate, 30, seed=0)
+    assert len(picked) == 30
+    random = train.sample(30, random_state=0)
+    wanted = {int(g) for gs in evaluate["gold"] for g in gs}
+    share = lambda frame: len(wanted & {int(g) for gs in frame["gold"] for g in gs}) / len(wanted)  # noqa: E731
+    assert record["share_seen_in_training_traces"] == pytest.approx(share(picked), abs=1e-3)
+    assert share(picked) >= share(random)
+    assert record["share_in_whole_training_split"] >= round(share(picked), 4)
+    assert share(picked) == pytest.approx(record["share_in_whole_training_split"], abs=1e-3)  # 30 notes suffice to cover all it can
+
+
 @pytest.fixture(scope="module")
-def setup(tiny_models, heart_notes, heart_labels, tiny_tokenizer):
-    import pandas as pd
-
-    from analyses.traces import GenerationConfig, generate_traces
-
-    teacher = load_hf_model(tiny_models["qwen3"], attn_implementation="eager")
-    # Teacher-format traces (the trace teacher's text) replayed as if the teacher wrote them.
+def setup(tmp_path_factory, tiny_models, heart_notes, heart_labels, tiny_tokenizer):
+    """Teacher-format traces of 24 notes (the trace teacher's text, as if the tiny teacher wrote
+    them), their examples, and the teacher heads' rows captured into a store."""
     corpus = build_corpus(heart_notes.head(24), heart_labels)
     parser = TraceParser(heart_labels)
     rows = []
@@ -55,53 +72,100 @@ def setup(tiny_models, heart_notes, heart_labels, tiny_tokenizer):
         rows.append({"doc_id": doc["doc_id"], "prompt_ids": p_enc["input_ids"], "output_ids": out, "regions": parsed.regions.tolist(), "cot_start": parsed.cot_start, "cot_end": parsed.cot_end, "true_boundary": parsed.cot_start + 10})
     traces = pd.DataFrame(rows)
     tau = {r["doc_id"]: r["true_boundary"] for r in rows}
-    examples = _examples(traces, heart_notes, heart_labels, tiny_tokenizer, tau)
-    return teacher, examples
+    examples = build_examples(traces, heart_notes, heart_labels, tiny_tokenizer, tau)
+    run = tmp_path_factory.mktemp("distill_run")
+    heads = [(0, 1), (1, 2), (1, 0)]
+    capture_teacher_rows(run, load_model(tiny_models["qwen3"]), traces, heads, progress=False)
+    teacher_rows = load_teacher_rows(run, examples, heads)
+    base = build_tiny_model("qwen3", tmp_path_factory.mktemp("base") / "student", tiny_tokenizer, n_layers=2, d_model=32, n_heads=4, n_kv_heads=2, seed=7)
+    return examples, teacher_rows, base, heads
 
 
-def test_no_gradient_reaches_the_teacher(setup, tiny_tokenizer):
-    teacher, examples = setup
-    cfg = DistillConfig(steps=1, batch_size=4)
-    student, _, maps = train_student("mechanistic", 0, examples, teacher, tiny_tokenizer, cfg, [(0, 1), (1, 2)], [(1, 0)])
+def test_teacher_rows_from_the_store_equal_a_live_teacher_forward(setup, tiny_models, tiny_tokenizer):
+    examples, teacher_rows, _, heads = setup
+    teacher = load_hf_model(tiny_models["qwen3"], attn_implementation="eager")
+    for e in examples[:5]:
+        ids = torch.tensor([e.ids[:-1].tolist()])  # the stored trace (without the appended end-of-text)
+        with torch.no_grad():
+            attentions = teacher(input_ids=ids, output_attentions=True).attentions
+        for layer, head in heads:
+            live = attentions[layer][0, head, e.cot_start : e.cot_end, :]
+            stored = teacher_rows[e.doc_id][(layer, head)][:, : ids.shape[1]]
+            torch.testing.assert_close(stored, live.float(), atol=2e-3, rtol=1e-2)  # float16 store
+            assert (teacher_rows[e.doc_id][(layer, head)][:, ids.shape[1] :] == 0).all()
+
+
+def test_the_anchor_direction_is_detached_so_only_head_parameters_lower_l_write(setup, tiny_tokenizer):
+    examples, teacher_rows, base, _ = setup
+    from analyses.distill.training import load_student_base
+
+    student = load_student_base(base)
     batch = examples[:4]
-    ids, mask, labels = _collate(batch, tiny_tokenizer.pad_token_id)
-    out, z = _forward_with_heads(student, ids, mask, {0, 1})
-    with torch.no_grad():
-        t_out = teacher(input_ids=ids, attention_mask=mask, output_attentions=True)
-    teacher_attn = {(l, h): t_out.attentions[l][:, h] for l, h in [(0, 1), (1, 2), (1, 0)]}
-    loss, parts = mechanistic_loss(student, teacher_attn, batch, out, z, {(0, 1): (0, 0), (1, 2): (1, 1)}, {(1, 0): (1, 2)}, CONDITIONS["mechanistic"], 1.0, 1.0)
+    ids, mask, _ = collate(batch, tiny_tokenizer.pad_token_id)
+    out, z = forward_with_heads(student, ids, mask, {0, 1})
+    terms = {k: k == "write1" for k in CONDITIONS["mechanistic"]}  # L_write of phase 1 alone
+    loss, parts = mechanistic_loss(student, batch, [teacher_rows[e.doc_id] for e in batch], out, z, {(0, 1): (0, 0)}, {}, terms, 1.0, 1.0)
     loss.backward()
-    assert all(p.grad is None for p in teacher.parameters())
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+    assert parts["write1"] > 0
+    assert student.lm_head.weight.grad is None or student.lm_head.weight.grad.abs().sum() == 0  # the unembedding cannot move towards the heads
+    assert student.model.layers[0].self_attn.o_proj.weight.grad.abs().sum() > 0  # the head's own output projection can
+    assert student.model.layers[1].self_attn.o_proj.weight.grad is None or student.model.layers[1].self_attn.o_proj.weight.grad.abs().sum() == 0
+
+
+def test_every_term_of_the_mechanistic_loss_is_on_and_finite(setup, tiny_tokenizer):
+    examples, teacher_rows, base, _ = setup
+    from analyses.distill.training import load_student_base
+
+    student = load_student_base(base)
+    batch = examples[:4]
+    ids, mask, _ = collate(batch, tiny_tokenizer.pad_token_id)
+    out, z = forward_with_heads(student, ids, mask, {0, 1})
+    loss, parts = mechanistic_loss(student, batch, [teacher_rows[e.doc_id] for e in batch], out, z, {(0, 1): (0, 0), (1, 2): (1, 1)}, {(1, 0): (1, 2)}, CONDITIONS["mechanistic"], 1.0, 1.0)
+    loss.backward()
+    assert torch.isfinite(loss)
     assert set(parts) == {"attn", "write1", "int1", "loop", "write2", "int2"}
-    assert parts["attn"] > 0 and parts["loop"] >= 0
+    assert parts["attn"] > 0 and parts["loop"] >= 0 and parts["write2"] > 0
 
 
 @pytest.mark.parametrize("condition", ["standard", "mechanistic"])
-def test_twenty_steps_lower_the_loss(setup, tiny_tokenizer, condition):
-    teacher, examples = setup
-    cfg = DistillConfig(steps=20, batch_size=8, lr=3e-3)
-    _, curve, maps = train_student(condition, 0, examples, teacher, tiny_tokenizer, cfg, [(0, 1)], [(1, 0)])
+def test_twenty_steps_lower_the_loss_and_record_a_learning_curve(setup, tiny_tokenizer, condition):
+    examples, teacher_rows, base, _ = setup
+    seen = []
+    _, curve, records, seconds = train_student(condition, 0, examples, teacher_rows, tiny_tokenizer.pad_token_id, base, 20, 8, 3e-3, {(0, 1): (0, 0)}, {(1, 0): (1, 2)},
+                                               checkpoints=[10, 20], on_checkpoint=lambda step, model: seen.append(step) or {"step_seen": step})
     assert curve["loss"].tail(4).mean() < curve["loss"].head(4).mean()
-    again = train_student(condition, 0, examples, teacher, tiny_tokenizer, DistillConfig(steps=1, batch_size=8), [(0, 1)], [(1, 0)])[2]
-    assert again == maps  # the head map depends on the seed only
+    assert seen == [0, 10, 20] and [r["step"] for r in records] == [0, 10, 20]
+    assert seconds > 0 and curve["seconds"].is_monotonic_increasing
 
 
 def test_a_diverging_loss_stops_training_with_its_location(setup, tiny_tokenizer):
     from probes.errors import CtdNumericalError
 
-    teacher, examples = setup
-    cfg = DistillConfig(steps=5, batch_size=4, lr=float("inf"))  # the first update makes the weights non-finite
+    examples, teacher_rows, base, _ = setup
     with pytest.raises(CtdNumericalError, match=r"distill standard seed 0: loss is nan at step 1"):
-        train_student("standard", 0, examples, teacher, tiny_tokenizer, cfg, [(0, 1)], [(1, 0)])
+        train_student("standard", 0, examples, teacher_rows, tiny_tokenizer.pad_token_id, base, 5, 4, float("inf"), {}, {})
 
 
-def test_next_token_loss_equals_the_hugging_face_loss(setup, tiny_tokenizer):
-    from analyses.distill import next_token_loss
-
-    teacher, examples = setup
-    ids, mask, labels = _collate(examples[:4], tiny_tokenizer.pad_token_id)
+def test_next_token_loss_equals_the_hugging_face_loss(setup, tiny_models, tiny_tokenizer):
+    examples, *_ = setup
+    teacher = load_hf_model(tiny_models["qwen3"], attn_implementation="eager")
+    ids, mask, labels = collate(examples[:4], tiny_tokenizer.pad_token_id)
     with torch.no_grad():
         reference = teacher(input_ids=ids, attention_mask=mask, labels=labels).loss
         ours = next_token_loss(teacher, teacher.model(input_ids=ids, attention_mask=mask).last_hidden_state, labels)
     assert ours.item() == pytest.approx(reference.item(), rel=1e-5)
+
+
+def test_the_trajectory_distance_is_paired_per_note():
+    t = np.linspace(0, 1, 5)
+
+    def frame(curves):
+        return pd.DataFrame([{"doc_id": d, "t": x, "metric": m, "value": v} for d, (f, c) in curves.items() for m, vals in (("focus", f), ("confusion", c)) for x, v in zip(t, vals)])
+
+    teacher = frame({"a": (t, 1 - t), "b": (2 * t, t)})
+    student = frame({"a": (t, 1 - t), "b": (2 * t, t), "c": (t, t)})
+    same = paired_trajectory_distance(student, teacher)
+    assert set(same["doc_id"]) == {"a", "b"}  # a note without a teacher trace is not compared
+    assert np.allclose(same["value"], 0.0)
+    swapped = frame({"a": (2 * t, t), "b": (t, 1 - t)})  # the same curves on the wrong notes
+    assert paired_trajectory_distance(swapped, teacher)["value"].mean() > 0.2  # an unpaired mean would call this 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from analyses.boundary import ESTIMATORS, change_point
-from probes.capture import doc_kurtosis
+from probes.attention import doc_kurtosis
 from probes.heads import anchor_direction, coarse_terms, distinguishing_tokens, label_margin, margin_gradient, refine_terms
 
 
