@@ -140,7 +140,7 @@ class ProbeResults(FrameResult):
             ylabels = [f"L{l}" for l in layers]
             fig.add_trace(go.Heatmap(z=acc.values, x=names, y=ylabels, text=text_acc, texttemplate="%{text}", textfont=dict(size=9), zmin=0.5, zmax=1.0, coloraxis="coloraxis"), row=1, col=c)
             fig.add_trace(go.Heatmap(z=diff.values, x=names, y=ylabels, text=text_diff, texttemplate="%{text}", textfont=dict(size=9), zmin=-0.3, zmax=0.3, coloraxis="coloraxis2"), row=2, col=c)
-        fig = themed(fig, "Linear probes on the residual stream beside their baselines (test documents; * = probe beats token identity, 95% CI)", "bucket (phase: distance to the trace's own boundary; others: CoT position)", "layer")
+        fig = themed(fig, "Linear probes on the residual stream beside their baselines (test documents; * = probe beats token identity, 95% CI)", "bucket (phase: distance to the boundary within the phase; others: CoT position)", "layer")
         fig.update_xaxes(type="category", tickangle=30)
         fig.update_layout(
             coloraxis=dict(colorscale="Viridis", cmin=0.5, cmax=1.0, colorbar=dict(title="accuracy", y=0.78, len=0.42)),
@@ -288,31 +288,32 @@ def compute_attribution(store, traces: pd.DataFrame, n_layers: int, n_heads: int
 # probes
 
 PROBE_TARGETS = ("phase", "decision", "gold", "answer")
-# Phase probes bucket tokens by their distance to the trace's own boundary, |t - τ| as a fraction
-# of the CoT: every bucket holds tokens from both sides, so no cell is single-class by design.
-PHASE_DISTANCE_EDGES = (0.0, 0.05, 0.1, 0.2, 0.35, 1.0)
+# Phase probes bucket tokens by their distance to the trace's own boundary, measured within the
+# token's own phase (0 at the boundary, 1 at the phase's far end): every bucket of every trace
+# holds tokens of both phases, so no cell is single-class by construction, and position within
+# the CoT cannot tell the classes apart inside a bucket.
 N_POSITION_BUCKETS = 5
 
 
 def bucket_names(target: str) -> list[str]:
     """Human-readable names of a target's buckets (index = bucket)."""
-    if target == "phase":
-        e = PHASE_DISTANCE_EDGES
-        return [f"|t−τ| {e[i]:.2f}–{e[i + 1]:.2f}" for i in range(len(e) - 1)]
-    return [f"t {b / N_POSITION_BUCKETS:.1f}–{(b + 1) / N_POSITION_BUCKETS:.1f}" for b in range(N_POSITION_BUCKETS)]
+    n = N_POSITION_BUCKETS
+    prefix = {"phase": "d", "decision": "in phase 2", "answer": "in phase 1", "gold": "t"}[target]
+    return [f"{prefix} {b / n:.1f}–{(b + 1) / n:.1f}" for b in range(n)]
 
 
 def probe_examples(store, traces, docs, tau, n_layers: int) -> dict[tuple, list]:
     """(target, layer, bucket) -> rows of (features, label, doc, current token id, previous token id).
 
-    ``phase``: every CoT token, label = after its trace's boundary, bucketed by distance to it.
+    ``phase``: every CoT token, label = after its trace's boundary, bucketed by its distance to the
+    boundary as a share of its own phase's length (see :data:`N_POSITION_BUCKETS`).
     ``gold`` / ``decision`` / ``answer``: the first token of each label mention, label = the label
     is gold / is answered (mentions after the boundary) / is answered (mentions before it: early
-    decoding of the answer), bucketed by normalised CoT position.
+    decoding of the answer), bucketed by normalised CoT position (``gold``) or by position within
+    the phase they come from (``decision``: phase 2, ``answer``: phase 1).
     """
     by_id = docs.set_index("doc_id")
     data: dict[tuple, list] = {}
-    edges = np.asarray(PHASE_DISTANCE_EDGES)
     for trace in traces.itertuples(index=False):
         doc_id = str(trace.doc_id)
         cot_start, cot_end = int(trace.cot_start), int(trace.cot_end)
@@ -329,14 +330,19 @@ def probe_examples(store, traces, docs, tau, n_layers: int) -> dict[tuple, list]
             for i in np.flatnonzero((pos >= cot_start) & (pos < cot_end)):
                 p = int(pos[i])
                 tokens = (int(ids[p]), int(ids[p - 1]))
-                distance = abs(p - boundary) / T
-                b = int(np.clip(np.searchsorted(edges, distance, side="right") - 1, 0, len(edges) - 2))
+                # within-phase distance: phase 1 spans [cot_start, boundary), phase 2 [boundary, cot_end)
+                distance = (boundary - 1 - p) / max(boundary - cot_start, 1) if p < boundary else (p - boundary) / max(cot_end - boundary, 1)
+                b = int(np.clip(distance * N_POSITION_BUCKETS, 0, N_POSITION_BUCKETS - 1))
                 data.setdefault(("phase", layer, b), []).append((resid[i], int(p >= boundary), doc_id, *tokens))
                 label = mention_first.get(p)
                 if label is not None:
                     b = int(np.clip((p - cot_start) / T * N_POSITION_BUCKETS, 0, N_POSITION_BUCKETS - 1))
                     data.setdefault(("gold", layer, b), []).append((resid[i], int(label in gold), doc_id, *tokens))
-                    which = "decision" if p >= boundary else "answer"
+                    if p >= boundary:
+                        share, which = (p - boundary) / max(cot_end - boundary, 1), "decision"
+                    else:
+                        share, which = (p - cot_start) / max(boundary - cot_start, 1), "answer"
+                    b = int(np.clip(share * N_POSITION_BUCKETS, 0, N_POSITION_BUCKETS - 1))
                     data.setdefault((which, layer, b), []).append((resid[i], int(label in answer), doc_id, *tokens))
     return data
 
@@ -446,7 +452,7 @@ def compute_probes(store, traces, docs, tau, n_layers: int, n_boot: int = 500, s
             "token_identity": "majority label of the (current, previous) token-id pair in training rows, backing off to the current token, then the majority",
             "control_task": "Hewitt & Liang (2019): a random label fixed per token type at the target's positive rate; a probe of the same form trained and scored on it; selectivity = probe - control task",
         },
-        "buckets": {"phase": f"distance to the trace's own boundary |t - τ| (fraction of the CoT), edges {list(PHASE_DISTANCE_EDGES)}", "other targets": f"{N_POSITION_BUCKETS} equal bins of normalised CoT position"},
+        "buckets": {"phase": f"{N_POSITION_BUCKETS} equal bins of the distance to the trace's own boundary as a share of the token's own phase (0 = at the boundary, 1 = the phase's far end): every bucket holds both phases of every trace", "gold": f"{N_POSITION_BUCKETS} equal bins of normalised CoT position", "decision / answer": f"{N_POSITION_BUCKETS} equal bins of position within phase 2 / phase 1"},
         "n_buckets": N_POSITION_BUCKETS,
         "phase_labels": tau_source,
         "solver": f"{solver}, C=1 on standardised features",

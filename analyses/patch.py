@@ -53,7 +53,7 @@ from probes.patching import (
     head_sweep,
     ks_for_heads,
     normalised_effect,
-    patch_hooks,
+    patched_generate,
 )
 
 __all__ = ["PatchingResult", "PatchSettings", "patch_run", "corrupt_prompt", "answer_readouts", "READOUTS"]
@@ -260,38 +260,6 @@ def answer_readouts(tokenizer, labels, ids: list[int], regions: np.ndarray, gold
 # regeneration under a patch
 
 
-def _regenerate(bridge, inputs: PatchInputs, tokens: torch.Tensor, prefix_lengths: np.ndarray, hooks_for, max_new_tokens: int, stop_ids: set[int]) -> list[list[int]]:
-    """Greedy continuation of each trace's prefix (its first ``prefix_lengths[b]`` tokens) with the
-    patch applied to the prefix positions only; a full forward per step (answers are short)."""
-    pad = bridge.tokenizer.pad_token_id if bridge.tokenizer.pad_token_id is not None else 0
-    rows = [tokens[b, inputs.offsets[b] : inputs.offsets[b] + int(prefix_lengths[b])].tolist() for b in range(tokens.shape[0])]
-    width0 = max(len(r) for r in rows)
-    generated: list[list[int]] = [[] for _ in rows]
-    done = np.zeros(len(rows), dtype=bool)
-    for step in range(max_new_tokens):
-        seqs = [r + g for r, g in zip(rows, generated)]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        offsets = np.zeros(len(seqs), dtype=np.int64)
-        for b, s in enumerate(seqs):
-            offsets[b] = width - len(s)
-            ids[b, offsets[b] :] = torch.as_tensor(s)
-            mask[b, offsets[b] :] = 1
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        hooks = hooks_for(offsets, width)
-        with torch.no_grad():
-            logits = bridge.run_with_hooks(ids, attention_mask=mask, position_ids=position_ids, fwd_hooks=hooks)
-        nxt = logits[:, -1].argmax(-1).tolist()
-        for b, t in enumerate(nxt):
-            if not done[b]:
-                generated[b].append(int(t))
-                done[b] = int(t) in stop_ids
-        if done.all():
-            break
-    return generated
-
-
 def _shifted_source(source: dict[int, torch.Tensor], inputs: PatchInputs, offsets: np.ndarray, width: int, prefix_lengths: np.ndarray) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
     """Re-pad the z source of each trace's prefix to a new left-padded width; and the prefix mask."""
     out = {}
@@ -351,7 +319,8 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
     """
     from tqdm.auto import tqdm
 
-    from probes.models import load_model
+    from analyses.prompts import get_template
+    from probes.models import load_hf_model, load_model
 
     run_dir = Path(run_dir)
     manifest = Manifest.for_stage(run_dir, manifest)
@@ -401,8 +370,11 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
         raise input_error(run_dir / "traces.parquet", "no well-formed trace with anchors and a gold code in its answer", "generate more traces (ctd traces --n-docs)")
     doc_ids = [str(t.doc_id) for t in chosen]
     n = len(chosen)
-    parser = TraceParser(labels)
+    template = get_template(manifest.data.get("stages", {}).get("traces", {}).get("config", {}).get("template", "organism"))
+    parser = TraceParser(labels, think_close=template.think_close, answer_open=template.answer_open, answer_close=template.answer_close)
     answer_open = tok.encode(parser.answer_open, add_special_tokens=False)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+    hf = load_hf_model(model_path, attn_implementation="sdpa") if settings.regenerate and settings.what == "z" else None
     stop_ids = set(tok.encode(parser.answer_close, add_special_tokens=False)[:1]) | {tok.eos_token_id}
 
     rows: list[dict] = []
@@ -454,15 +426,24 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
             prefix = np.array([_find(clean_seqs[i], answer_open, len(chosen[k].prompt_ids), len(clean_seqs[i])) + len(answer_open) for k, i in enumerate(batch)])
             gold_sets = [set(int(g) for g in by_id.loc[doc_ids[i]]["gold"]) for i in batch]
 
-            def generated_metrics(tokens_run: str, patch=None) -> dict[str, np.ndarray]:
-                def hooks_for(offsets, width):
-                    if patch is None:
-                        return []
-                    source, masks = patch
-                    shifted, prefix_mask = _shifted_source(runs.acts[source], inputs, offsets, width, prefix)
-                    return patch_hooks(shifted, masks, prefix_mask, "z", prefix_length=None)
+            tokens_all = {run: getattr(inputs, run) for run in ("clean", "corrupt")}
+            prefix_rows = {run: [tokens_all[run][b, inputs.offsets[b] : inputs.offsets[b] + int(prefix[b])].tolist() for b in range(len(batch))] for run in tokens_all}
+            width = int(prefix.max())
+            new_offsets = width - prefix
+            prefix_ids = {}
+            prefix_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for b in range(len(batch)):
+                prefix_mask[b, new_offsets[b] :] = 1
+            for run, rows_ in prefix_rows.items():
+                ids_ = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                for b, r in enumerate(rows_):
+                    ids_[b, new_offsets[b] :] = torch.as_tensor(r)
+                prefix_ids[run] = ids_
+            shifted = {run: _shifted_source(runs.acts[run], inputs, new_offsets, width, prefix)[0] for run in ("clean", "corrupt")}
 
-                new = _regenerate(bridge, inputs, getattr(inputs, tokens_run), prefix, hooks_for, 24, stop_ids)
+            def generated_metrics(tokens_run: str, patch=None) -> dict[str, np.ndarray]:
+                source, masks = patch if patch is not None else ("clean", {})
+                new = patched_generate(hf, prefix_ids[tokens_run], prefix_mask, shifted[source], masks, prefix_mask.bool(), 24, pad_id, sorted(stop_ids))
                 answers = [parser.answer_labels(tok.decode(g, skip_special_tokens=True).split(parser.answer_close)[0])[0] for g in new]
                 p1 = np.array([float(bool(a) and a[0] in gs) for a, gs in zip(answers, gold_sets)])
                 rec = np.array([len(set(a) & gs) / max(len(gs), 1) for a, gs in zip(answers, gold_sets)])

@@ -45,6 +45,7 @@ __all__ = [
     "head_masks",
     "head_set_effects",
     "attribution_patching",
+    "patched_generate",
     "control_head_sets",
     "ks_for_heads",
     "normalised_effect",
@@ -309,6 +310,52 @@ def head_sweep(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], po
         for mode, values in per_mode.items():
             out[(head[0], head[1], mode)] = values
     return runs, out
+
+
+def _output_projections(hf_model) -> list:
+    """Each layer's attention output projection (its input is the heads' z, concatenated)."""
+    layers = getattr(getattr(hf_model, "model", hf_model), "layers", None)
+    if layers is None or not all(hasattr(layer, "self_attn") and hasattr(layer.self_attn, "o_proj") for layer in layers):
+        raise CtdInputError(f"{type(hf_model).__name__}: no layers[i].self_attn.o_proj to patch head outputs at; use the teacher-forced read-outs")
+    return [layer.self_attn.o_proj for layer in layers]
+
+
+def patched_generate(hf_model, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], source: dict[int, Tensor], heads: dict[int, Bool[Tensor, "head"]], positions: Bool[Tensor, "batch pos"], max_new_tokens: int, pad_id: int, eos_ids: Sequence[int]) -> list[list[int]]:
+    """Greedy continuation of a left-padded prefix with chosen heads' ``z`` patched at chosen
+    prefix positions (Hugging Face ``generate`` with its KV cache: the decoding steps run unpatched
+    and read the patched prefix). ``source[layer]``: [batch, pos, head, d_head], aligned with ``tokens``."""
+    projections = _output_projections(hf_model)
+    width = tokens.shape[1]
+    handles = []
+
+    def make(layer: int, head_mask: Tensor):
+        def pre_hook(module, args):
+            x = args[0]
+            if x.shape[1] != width:  # a decoding step: unpatched
+                return None
+            b, n, hd = x.shape
+            src = source[layer].to(x.dtype).reshape(b, n, hd)
+            d_head = hd // head_mask.shape[0]
+            cols = head_mask.repeat_interleave(d_head)  # [heads * d_head]
+            where = positions[:, :, None] & cols[None, None, :]
+            return (torch.where(where, src, x),) + tuple(args[1:])
+
+        return pre_hook
+
+    for layer, mask in heads.items():
+        if bool(mask.any()):
+            handles.append(projections[layer].register_forward_pre_hook(make(layer, mask)))
+    try:
+        with torch.no_grad():
+            out = hf_model.generate(input_ids=tokens, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=list(eos_ids))
+    finally:
+        for h in handles:
+            h.remove()
+    result = []
+    for row in out[:, width:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in set(eos_ids)), len(row))
+        result.append(row[: stop + 1])
+    return result
 
 
 class _GradientsOn:

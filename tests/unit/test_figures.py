@@ -33,18 +33,33 @@ def test_every_figure_draws_from_a_small_frame(tmp_path):
     at = pd.DataFrame([{"layer": 0, "head": h, "t": x, "measure": m, "region": r if m != "kurtosis" else "", "value": 1.0} for h in range(2) for x in t for m in ("mass", "value_mass", "kurtosis") for r in ("document", "cot")])
     _check(Attribution(at).figure())
     _check(Attribution(at).kurtosis_figure())
-    pr = pd.DataFrame([{"target": "phase", "layer": l, "bucket": b, "metric": "accuracy", "value": 0.9, "control_value": 0.5, "ci_low": 0.8, "ci_high": 0.95} for l in range(2) for b in range(3)])
-    _check(ProbeResults(pr).figure())
+    pr = pd.DataFrame([{"target": t_, "layer": l, "bucket": b, "bucket_name": f"b{b}", "metric": "accuracy", "value": 0.9, "control_value": 0.5, "ci_low": 0.8, "ci_high": 0.95, "majority": 0.6, "token_baseline": 0.85,
+                        "minus_tokens": 0.05, "minus_tokens_ci_low": 0.01, "minus_tokens_ci_high": 0.09, "beats_tokens": True, "selectivity": 0.4, "status": "fitted"} for t_ in ("phase", "gold") for l in range(2) for b in range(3)])
+    pr.loc[0, ["value", "token_baseline", "minus_tokens", "status"]] = [np.nan, np.nan, np.nan, "not fitted: single class (1 only)"]
+    probes = ProbeResults(pr)
+    _check(probes.figure())
+    summary = probes.beats_tokens().set_index("target")
+    assert summary.loc["phase", "not_fitted"] == 1 and summary.loc["gold", "beats_tokens"] == 6
     ln = pd.DataFrame([{"layer": l, "t": x, "metric": "logprob", "value": -3.0, "ci_low": -4.0, "ci_high": -2.0} for l in range(2) for x in t])
     _check(LensResult(ln).figure())
-    pt = pd.DataFrame([{"doc_id": None, "mode": m, "score": s, "k": k, "head_set": hs_, "metric": "margin", "value": 0.1 * k, "ci_low": 0.0, "ci_high": 1.0} for m in ("denoise", "noise") for s in ("coarse", "refine") for k in (3, 8) for hs_ in ("ranked", "random-0", "lowest")])
-    _check(PatchingResult(pt).figure())
+    base = {"doc_id": None, "positions": "all", "readout": "answer_logprob", "clean": 0.0, "corrupt": -5.0, "patched": np.nan, "effect": np.nan, "ci_low": 0.0, "ci_high": 1.0, "metric": np.nan, "p_value": np.nan}
+    pt = [{**base, "analysis": "sweep", "mode": m, "layer": l, "head": h, "score": "", "k": 1, "head_set": "", "value": 0.1 * (l + h)} for m in ("denoise", "noise") for l in range(2) for h in range(2)]
+    pt += [{**base, "analysis": "ranked_minus_random", "mode": m, "layer": -1, "head": -1, "score": s, "k": k, "head_set": "", "value": 0.05 * k} for m in ("denoise", "noise") for s in ("coarse", "refine") for k in (1, 2)]
+    pt += [{**base, "analysis": "correlation", "mode": m, "layer": -1, "head": -1, "score": s, "k": 0, "head_set": "sweep", "value": 0.5, "metric": "spearman", "p_value": 0.01} for m in ("denoise", "noise") for s in ("coarse", "refine")]
+    patching = PatchingResult(pd.DataFrame(pt), {"dev_scores": hs.to_dict(orient="records")})
+    _check(patching.figure())
+    _check(patching.scatter_figure())
+    _check(patching.ranked_figure())
     iso = pd.DataFrame([{"condition": c, "metric": "micro_f1", "value": 0.5, "ci_low": 0.4, "ci_high": 0.6} for c in ("full_model", "retriever_alone", "retriever_shortlist+phase2", "phase1_only@0.5")] + [{"condition": "complementarity", "metric": "verdict", "value": 1.0, "ci_low": np.nan, "ci_high": np.nan}])
     fig = _check(IsolationResult(iso).figure())
     assert "complementary" in fig.layout.title.text
-    ds = pd.DataFrame([{"condition": c, "seed": s, "metric": "micro_f1", "value": 0.3 + 0.01 * s} for c in ("standard", "mechanistic") for s in range(3)])
+    ds = pd.DataFrame([{"condition": c, "seed": s, "metric": m, "value": 0.3 + 0.01 * s, "step": 100} for c in ("standard", "mechanistic") for s in range(3) for m in ("micro_f1", "transfer_kl_phase1", "transfer_kl_phase2")]
+                      + [{"condition": c, "seed": s, "metric": f"curve:{m}", "value": 0.1 * step / 100, "step": step} for c in ("standard", "mechanistic") for s in range(3) for m in ("micro_f1", "gold_logprob") for step in (0, 50, 100)]
+                      + [{"condition": "mechanistic", "seed": -1, "metric": "micro_f1_minus_standard", "value": 0.02, "ci_low": -0.01, "ci_high": 0.05, "step": np.nan}])
     res = DistillResult(ds, {"curves": {"teacher": {"t": list(t), "focus": list(t), "confusion": list(t)}}})
-    _check(res.figure())
+    assert "mechanistic − standard +0.020" in _check(res.figure()).layout.title.text
+    _check(res.curve_figure())
+    _check(res.transfer_figure())
     _check(res.trajectory_figure())
     res.save(tmp_path / "d.parquet")
     assert DistillResult.load(tmp_path / "d.parquet").meta["curves"]["teacher"]["t"] == list(t)
