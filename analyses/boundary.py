@@ -64,7 +64,8 @@ class Boundary(FrameResult):
         return pd.DataFrame(rows, columns=columns)
 
     def ratio(self, estimator: str, baseline: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-        """Median error of ``estimator`` over that of ``baseline``, paired by trace: (ratio, CI low, CI high)."""
+        """Median error of ``estimator`` over that of ``baseline``, paired by trace: (ratio, CI low,
+        CI high); resamples where the baseline's median is 0 (ratio undefined) are left out."""
         f = self.error_fractions().pivot_table(index="doc_id", columns="estimator", values="frac")
         if estimator not in f or baseline not in f:
             return (float("nan"),) * 3
@@ -74,7 +75,12 @@ class Boundary(FrameResult):
             base = np.median(pair[idx, 1])
             return float(np.median(pair[idx, 0]) / base) if base > 0 else float("nan")
 
-        return bootstrap_ci(statistic, n=len(pair), n_boot=n_boot, seed=seed)
+        rng = np.random.default_rng(seed)
+        draws = np.array([statistic(rng.integers(0, len(pair), len(pair))) for _ in range(n_boot)])
+        draws = draws[np.isfinite(draws)]
+        if not len(draws):
+            return (statistic(np.arange(len(pair))), float("nan"), float("nan"))
+        return (statistic(np.arange(len(pair))), float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975)))
 
     def figure(self) -> go.Figure:
         """Median error per estimator with its CI, beside the per-trace errors (or τ when no truth is known)."""

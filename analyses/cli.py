@@ -86,10 +86,10 @@ def _cmd_traces(args) -> int:
     source = args.dataset[0] if args.dataset else "icd10cm"
     path = args.dataset[1] if args.dataset and len(args.dataset) > 1 else None
     if source == "icd10cm" and path is None:
-        from analyses.config import DEFAULT_LABEL_CHAPTERS
+        from analyses.config import DEFAULT_LABEL_CHAPTERS, DEFAULT_N_NOTES
 
         options.setdefault("chapters", list(DEFAULT_LABEL_CHAPTERS))
-        options.setdefault("n_docs", 1000)
+        options.setdefault("n_docs", DEFAULT_N_NOTES)
     dataset = load_dataset(source, path, **options)
     config = GenerationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed or 0)
     write_traces(args.out, dataset, model=args.model, split=args.split, n_docs=args.n_docs, template_name=args.template, config=config, n_dev_docs=args.n_dev_docs)

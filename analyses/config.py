@@ -8,11 +8,16 @@ from pathlib import Path
 
 from probes.errors import input_error
 
-__all__ = ["RunConfig", "load_config", "DEFAULT_LABEL_CHAPTERS"]
+__all__ = ["RunConfig", "load_config", "DEFAULT_LABEL_CHAPTERS", "DEFAULT_N_NOTES", "DEFAULT_N_TRACES"]
 
 # The embedded task's default label space: ICD-10-CM chapter 9 (circulatory system), 1,427 billable
 # codes with deep sibling structure (acute/chronic, systolic/diastolic, laterality, ...).
 DEFAULT_LABEL_CHAPTERS = ("9",)
+# Notes of the embedded task's default dataset: 2,400 train / 300 dev / 300 test. Distillation
+# evaluates on 200 test notes and picks training notes covering their codes; traces, capture and
+# characterisation read the first 100 test (and 100 dev) notes.
+DEFAULT_N_NOTES = 3000
+DEFAULT_N_TRACES = 100
 
 
 @dataclass
@@ -23,9 +28,9 @@ class RunConfig:
     model: str | None = None
     dataset: str = "icd10cm"
     dataset_path: str | None = None
-    dataset_options: dict = field(default_factory=lambda: {"chapters": list(DEFAULT_LABEL_CHAPTERS), "n_docs": 1000})
+    dataset_options: dict = field(default_factory=lambda: {"chapters": list(DEFAULT_LABEL_CHAPTERS), "n_docs": DEFAULT_N_NOTES})
     split: str = "test"
-    n_docs: int | None = None
+    n_docs: int | None = DEFAULT_N_TRACES
     seed: int = 0
     quick: bool = False
 

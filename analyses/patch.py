@@ -359,6 +359,8 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
             continue
         gold_all = set(int(g) for g in doc["gold"])
         pool = [d for d in donors if d.doc_id != trace.doc_id and not gold_all & set(int(g) for g in by_id.loc[d.doc_id]["gold"])]
+        if not pool:  # every other trace shares a gold code: nothing unrelated to corrupt with
+            continue
         donor = pool[int(rng.integers(len(pool)))]
         corrupted, _ = corrupt_prompt(list(trace.prompt_ids), np.asarray(trace.regions), _anchor_tokens(donor))
         chosen.append(trace)
@@ -387,7 +389,6 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
     head_sets = [(score, hs) for score in ("coarse", "refine") if ranking[score] for k in ks for hs in control_head_sets(ranking[score], k, settings.n_random, settings.seed)]
     all_heads = [("", HeadSet("all", n_layers * n_heads, tuple(heads_all)))]
     sweep_sets = settings.sweep_positions if settings.sweep else ()
-    attribution = {}
     bar = tqdm(total=len(batches) * (len(sweep_sets) * len(heads_all) + len(head_sets) + 2), desc="patch", disable=not progress, file=sys.stderr)
 
     def store(key: tuple, batch: list[int], values: dict[str, np.ndarray]) -> None:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from analyses.config import RunConfig
+from analyses.config import DEFAULT_N_NOTES, RunConfig
 from analyses.io import Manifest
 from analyses.tasks.sources import Dataset, load_dataset
 from probes.errors import input_error
@@ -35,7 +35,7 @@ def _stage_data(config: RunConfig, run_dir: Path, manifest: Manifest) -> Dataset
         options = {**config.dataset_options}
         options.setdefault("seed", config.seed)
         if config.quick:
-            options["n_docs"] = min(int(options.get("n_docs", 1000)), 200)
+            options["n_docs"] = min(int(options.get("n_docs", DEFAULT_N_NOTES)), 200)
     else:
         options = {k: v for k, v in config.dataset_options.items() if k not in ("chapters", "n_docs")}
     stage_config = {"source": config.dataset, "path": config.dataset_path, **options}
@@ -56,7 +56,7 @@ def _stage_traces(config: RunConfig, run_dir: Path, manifest: Manifest, dataset:
     from analyses.traces import GenerationConfig, default_dev_docs, resolve_model_path, traces_stage_config, write_traces
 
     model_dir = resolve_model_path(config.model)
-    n_docs = config.n_docs if config.n_docs is not None else (20 if config.quick else None)
+    n_docs = 20 if config.quick else config.n_docs
     n_dev_docs = min(default_dev_docs(model_dir), 20 if config.quick else 100)
     generation = GenerationConfig(seed=config.seed)
     expected = traces_stage_config(model_dir, config.split, n_docs, None, generation, n_dev_docs)

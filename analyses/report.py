@@ -18,7 +18,7 @@ import plotly.io as pio
 
 from analyses.io import atomic_path, read_json
 
-__all__ = ["collect_figures", "write_figures", "write_report", "png_available", "characterization_findings"]
+__all__ = ["collect_figures", "write_figures", "write_report", "png_available", "characterization_findings", "causal_findings", "distill_findings", "FIGURE_GROUPS"]
 
 
 def collect_figures(run_dir: str | Path) -> dict[str, object]:
@@ -54,8 +54,9 @@ def collect_figures(run_dir: str | Path) -> dict[str, object]:
         figures["logit_lens"] = LensResult.load(run_dir / "lens.parquet").figure()
     if have("patching"):
         patching = PatchingResult.load(run_dir / "patching.parquet")
-        figures["patching_margin"] = patching.figure("margin")
-        figures["patching_answer"] = patching.figure("recall")
+        figures["causal_map"] = patching.figure()
+        figures["scores_vs_causal_effects"] = patching.scatter_figure()
+        figures["ranked_vs_random_heads"] = patching.ranked_figure()
     if have("isolation"):
         figures["isolation"] = IsolationResult.load(run_dir / "isolation.parquet").figure()
     if have("distill"):
@@ -108,6 +109,67 @@ def _fmt_ci(value: float, low: float, high: float, digits: int = 3, percent: boo
     if percent:
         return f"{100 * value:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def causal_findings(run_dir: str | Path) -> list[str]:
+    """Sentences on the phases' causal separation: heads (patching) and positions (isolation)."""
+    run_dir = Path(run_dir)
+    out: list[str] = []
+    if (run_dir / "patching.parquet").exists():
+        from analyses.patch import PatchingResult
+
+        patching = PatchingResult.load(run_dir / "patching.parquet")
+        s = patching.summary
+        base = s[(s["analysis"] == "baseline") & (s["readout"] == "answer_logprob")]
+        if len(base):
+            b = base.iloc[0]
+            out.append(f"Corrupting the note's evidence moves the gold answer-code log-prob from {b.clean:.2f} to {b.corrupt:.2f} nats (gap {_fmt_ci(b.value, b.ci_low, b.ci_high, 2)}) over {patching.meta.get('n_traces')} test traces.")
+        corr = patching.correlations()
+        for score in ("coarse", "refine"):
+            parts = []
+            for mode in ("denoise", "noise"):
+                r = corr[(corr["score"] == score) & (corr["mode"] == mode) & (corr["readout"] == "answer_logprob") & (corr["metric"] == "spearman")]
+                if len(r):
+                    r = r.iloc[0]
+                    parts.append(f"{'recovery' if mode == 'denoise' else 'damage'} ρ = {_fmt_ci(r.value, r.ci_low, r.ci_high, 2)}, p = {r.p_value:.3f}")
+            if parts:
+                out.append(f"{score.capitalize()}Score ranked on dev traces against each head's causal effect on test traces: " + "; ".join(parts) + ".")
+        ranked = s[(s["analysis"] == "ranked_minus_random") & (s["readout"] == "answer_logprob") & (s["mode"] == "denoise")]
+        for score, g in ranked.groupby("score"):
+            best = g.sort_values("value", ascending=False).iloc[0]
+            out.append(f"Top-{int(best.k)} {score} heads minus {int(best.k)} random heads (recovery): {_fmt_ci(best.value, best.ci_low, best.ci_high)}.")
+        agree = s[(s["analysis"] == "agreement") & (s["readout"] == "answer_logprob")]
+        if len(agree):
+            out.append("Attribution patching against the one-head sweep, Spearman over heads: " + "; ".join(f"{r.mode} {r.value:.2f}" for r in agree.itertuples()) + ".")
+    if (run_dir / "isolation.parquet").exists():
+        iso = pd.read_parquet(run_dir / "isolation.parquet")
+        c = iso[iso["condition"] == "complementarity"].set_index("metric")
+        if len(c):
+            out.append(
+                f"Complementarity: {'shown' if c.loc['verdict', 'value'] == 1 else 'not shown'}; full model minus phase 1 alone {_fmt_ci(c.loc['f1_gain_over_phase1_alone', 'value'], c.loc['f1_gain_over_phase1_alone', 'ci_low'], c.loc['f1_gain_over_phase1_alone', 'ci_high'])} micro-F1, minus phase 2 alone {_fmt_ci(c.loc['f1_gain_over_phase2_alone', 'value'], c.loc['f1_gain_over_phase2_alone', 'ci_low'], c.loc['f1_gain_over_phase2_alone', 'ci_high'])}."
+            )
+    return out
+
+
+def distill_findings(run_dir: str | Path) -> list[str]:
+    """Sentences on the distillation study's headline, budget and mechanism transfer."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "distill.parquet").exists():
+        return []
+    from analyses.distill import DistillResult
+
+    d = DistillResult.load(run_dir / "distill.parquet")
+    out = []
+    finals = d.finals.groupby(["condition", "metric"])["value"].mean().unstack()
+    seeds = d.finals["seed"].nunique()
+    if "standard" in finals.index and "micro_f1" in finals:
+        out.append(f"Standard students reach micro-F1 {finals.loc['standard', 'micro_f1']:.3f} (mean of {seeds} seeds) on {d.meta['config']['n_eval_docs']} held-out notes after {int(finals.loc['standard', 'steps'])} steps from the student base.")
+    diffs = d.differences.set_index(["condition", "metric"])
+    for (condition, metric), label in ((("mechanistic", "micro_f1_minus_standard"), "Mechanistic minus standard micro-F1"), (("mechanistic", "micro_f1_minus_standard_equal_compute"), "Mechanistic minus standard at equal compute"), (("mechanistic", "gold_logprob_minus_standard"), "Mechanistic minus standard gold-code log-prob"), (("mechanistic", "transfer_kl_phase1_minus_standard"), "Mechanistic minus standard attention KL to the teacher (phase-1 heads)"), (("mechanistic", "transfer_kl_phase2_minus_standard"), "Mechanistic minus standard attention KL to the teacher (phase-2 heads)")):
+        if (condition, metric) in diffs.index:
+            r = diffs.loc[(condition, metric)]
+            out.append(f"{label}: {_fmt_ci(r.value, r.ci_low, r.ci_high)} (paired by seed and note, p = {r.p_value:.3f}).")
+    return out
 
 
 def characterization_findings(run_dir: str | Path) -> list[str]:
@@ -182,28 +244,55 @@ def _key_tables(run_dir: Path) -> list[str]:
     return out
 
 
+FIGURE_GROUPS = {
+    "1. Characterize: is the chain of thought two phases, where is the boundary, which heads carry each?": ("dynamics", "boundary_errors", "probes", "head_scores", "kurtosis_map", "region_attention", "region_attention_value_weighted", "logit_lens"),
+    "2. Isolate: can the phases be separated, and are they complementary?": ("causal_map", "scores_vs_causal_effects", "ranked_vs_random_heads", "isolation"),
+    "3. Distill: does a phase-aware student beat standard CoT distillation?": ("distill", "distill_learning_curves", "distill_mechanism_transfer", "distill_trajectories"),
+}
+
+
 def write_report(run_dir: str | Path) -> Path:
-    """One offline page: every figure (plotly.js embedded once), key tables and the manifest."""
+    """One offline page: the three questions of DESIGN §1, each answered in sentences with their
+    numbers and CIs, then its figures; key tables and the manifest at the end."""
     run_dir = Path(run_dir)
     figures = collect_figures(run_dir)
+    findings = {
+        list(FIGURE_GROUPS)[0]: characterization_findings(run_dir),
+        list(FIGURE_GROUPS)[1]: causal_findings(run_dir),
+        list(FIGURE_GROUPS)[2]: distill_findings(run_dir),
+    }
     parts = []
     first = True
-    for name, fig in figures.items():
-        parts.append(f'<section id="{name}"><h2>{html.escape(name.replace("_", " "))}</h2>')
-        parts.append(pio.to_html(fig, include_plotlyjs="inline" if first else False, full_html=False))
-        parts.append("</section>")
-        first = False
+    placed: set[str] = set()
+    for question, names in FIGURE_GROUPS.items():
+        parts.append(f"<h2>{html.escape(question)}</h2>")
+        sentences = findings[question] or ["This stage has not run in this run directory."]
+        parts.append("<ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in sentences) + "</ul>")
+        for name in names:
+            if name not in figures:
+                continue
+            placed.add(name)
+            parts.append(f'<section id="{name}"><h3>{html.escape(name.replace("_", " "))}</h3>')
+            parts.append(pio.to_html(figures[name], include_plotlyjs="inline" if first else False, full_html=False))
+            parts.append("</section>")
+            first = False
+    for name, fig in figures.items():  # anything a group does not name yet
+        if name not in placed:
+            parts.append(f'<section id="{name}"><h3>{html.escape(name.replace("_", " "))}</h3>')
+            parts.append(pio.to_html(fig, include_plotlyjs="inline" if first else False, full_html=False))
+            parts.append("</section>")
+            first = False
     manifest = read_json(run_dir / "manifest.json") if (run_dir / "manifest.json").exists() else {}
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>ctd report: {html.escape(run_dir.name)}</title>
 <style>body{{font-family:Arial,Helvetica,sans-serif;max-width:1100px;margin:2em auto;color:#222}}
 table.t{{border-collapse:collapse;font-size:13px}} table.t td,table.t th{{padding:3px 8px;border-bottom:1px solid #ddd}}
-pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}} section{{margin-bottom:2.5em}}</style></head>
+pre{{background:#f6f6f6;padding:1em;overflow:auto;font-size:12px}} section{{margin-bottom:2.5em}} li{{margin-bottom:0.4em}}</style></head>
 <body><h1>characterize-then-distill: {html.escape(run_dir.name)}</h1>
-<p>Model: <code>{html.escape(str(manifest.get("model", {}).get("path", "?")))}</code>. Figures: {len(figures)}. Each number below is computed from this run's files.</p>
-<h2>What the characterisation shows</h2><ul>{''.join(f"<li>{html.escape(s)}</li>" for s in characterization_findings(run_dir))}</ul>
-{''.join(_key_tables(run_dir))}
+<p>Model: <code>{html.escape(str(manifest.get("model", {}).get("path", "?")))}</code>. Every number below is computed from this run's files; 95% CIs in brackets.</p>
 {''.join(parts)}
+<h2>Key tables</h2>
+{''.join(_key_tables(run_dir))}
 <h2>manifest</h2><pre>{html.escape(json.dumps(manifest, indent=2, default=str))}</pre>
 </body></html>
 """

@@ -14,7 +14,14 @@ from torch import Tensor
 
 from probes.typing import Pattern
 
-__all__ = ["doc_kurtosis", "attention_reductions", "value_gram", "head_value_norms"]
+__all__ = ["doc_kurtosis", "attention_reductions", "value_gram", "head_value_norms", "heads_view"]
+
+
+def heads_view(z: Tensor, n_heads: int) -> Tensor:
+    """``hook_z`` as [batch, pos, head, d_head]. The bridge shapes it by its config's head size,
+    which for latent attention (DeepSeek-V3: value heads wider than rope heads) is not the value
+    head size; the heads are the leading split of the concatenated output, as W_O reads them."""
+    return z.reshape(*z.shape[:2], n_heads, -1)
 
 
 def doc_kurtosis(weights: Float[Tensor, "... key"], key_mask: Bool[Tensor, "... key"]) -> Float[Tensor, "..."]:

@@ -23,7 +23,7 @@ from torch import Tensor
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
 from probes.errors import CtdInputError, CtdNumericalError
-from probes.attention import attention_reductions, head_value_norms, value_gram
+from probes.attention import attention_reductions, head_value_norms, heads_view, value_gram
 from probes.points import REDUCTIONS, hook_name, point_of_hook
 from probes.store import DTYPES, SEP, STORE_DIR, ShardWriter
 from probes.typing import HeadZ, Pattern
@@ -204,7 +204,7 @@ def capture(
             key, layer = point_of_hook(name)
             if key == "head_out":
                 w_o = bridge.blocks[layer].attn.W_O.detach()
-                hooks.append((f"blocks.{layer}.attn.hook_z", store_point(name, lambda z, w=w_o: torch.einsum("bqhd,hdm->bqhm", z, w))))
+                hooks.append((hook_name("z", layer), store_point(name, lambda z, w=w_o: torch.einsum("bqhd,hdm->bqhm", heads_view(z, w.shape[0]), w))))
             else:
                 hooks.append((name, store_point(name)))
         for layer in config.attention_layers:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,11 +29,40 @@ __all__ = [
     "ModelInfo",
 ]
 
-# Architecture name in config.json -> family key used by prompt templates.
+# Architecture name in config.json -> family key used by prompt templates. Every family here is
+# one that transformers 5.23 and the TransformerLens 4.3 bridge both have, parity-tested on a tiny
+# random folder (tests/integration/test_models.py; README table).
 SUPPORTED_ARCHITECTURES = {
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",  # DeepSeek-R1-Distill-Qwen, QwQ
+    "Qwen3ForCausalLM": "qwen3",  # Qwen3 thinking models
+    "LlamaForCausalLM": "llama",  # DeepSeek-R1-Distill-Llama
+    "Qwen3MoeForCausalLM": "qwen3_moe",  # Qwen3-30B-A3B-Thinking
+    "GptOssForCausalLM": "gpt_oss",  # gpt-oss-20b / 120b
+    "Phi3ForCausalLM": "phi3",  # Phi-4-reasoning
+    "MistralForCausalLM": "mistral",  # Magistral Small
+    "Olmo3ForCausalLM": "olmo3",  # OLMo-3-Think
+    "SmolLM3ForCausalLM": "smollm3",  # SmolLM3 (thinking mode)
+    "Exaone4ForCausalLM": "exaone4",  # EXAONE 4.0
+    "Glm4MoeForCausalLM": "glm4_moe",  # GLM-4.5
+    "DeepseekV3ForCausalLM": "deepseek_v3",  # DeepSeek-V3 / R1
+    "Gemma3ForCausalLM": "gemma3",  # Gemma 3 (text)
+}
+# Tiny random configs per family (tests): model_type and what it needs beyond the shared sizes.
+_TINY = {
+    "qwen2": ("qwen2", {}),
+    "qwen3": ("qwen3", {"head_dim": None}),
+    "llama": ("llama", {}),
+    "qwen3_moe": ("qwen3_moe", {"head_dim": None, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": None, "decoder_sparse_step": 1}),
+    # a window wider than the test sequences: with 8, HF's own cached generate and full forward part ways
+    "gpt_oss": ("gpt_oss", {"head_dim": None, "num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 128}),
+    "phi3": ("phi3", {}),
+    "mistral": ("mistral", {"head_dim": None, "sliding_window": None}),
+    "olmo3": ("olmo3", {"sliding_window": 8}),
+    "smollm3": ("smollm3", {}),
+    "exaone4": ("exaone4", {"head_dim": None, "sliding_window": 8}),
+    "glm4_moe": ("glm4_moe", {"head_dim": None, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": None, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}),
+    "deepseek_v3": ("deepseek_v3", {"num_key_value_heads": None, "q_lora_rank": None, "kv_lora_rank": 16, "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "n_routed_experts": 4, "n_shared_experts": 1, "num_experts_per_tok": 2, "moe_intermediate_size": None, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1}),
+    "gemma3": ("gemma3_text", {"head_dim": None, "sliding_window": 8, "query_pre_attn_scalar": None}),
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -145,7 +175,11 @@ def _check_checkpoint(path: Path, trust_remote_code: bool) -> None:
     config = AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items()}
+    # MoE experts are stored one per expert and fused when loaded: transformers' own loading
+    # report checks those (load_hf_model); every other tensor is checked here, before any load.
+    fused = re.compile(r"\.experts\.")
+    expected = {name: tuple(t.shape) for name, t in skeleton.state_dict().items() if not fused.search(name)}
+    stored = {name: v for name, v in stored.items() if not fused.search(name)}
     tied = getattr(config, "tie_word_embeddings", False)
     for name, shape in expected.items():
         if name not in stored:
@@ -173,17 +207,30 @@ def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
     family_of(path)
     _check_checkpoint(path, trust_remote_code)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             str(path),
             dtype=dtype,
             attn_implementation=attn_implementation,
             local_files_only=True,
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
+            output_loading_info=True,
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise input_error(path, f"cannot load weights ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", "check the safetensors files and config.json") from None
+    for kind in ("missing_keys", "mismatched_keys", "unexpected_keys"):
+        problems = sorted(map(str, info.get(kind) or []))
+        if problems and not (kind == "missing_keys" and problems == ["lm_head.weight"] and getattr(model.config, "tie_word_embeddings", False)):
+            raise input_error(path, f"loading reports {kind.replace('_', ' ')}: {problems[0]}" + (f" and {len(problems) - 1} more" if len(problems) > 1 else ""), "the weights do not belong to this config.json; restore them")
     return model.to(device).eval()
+
+
+# Architectures whose attention has learned sink logits: a share of each row goes to no key.
+_SINK_ARCHITECTURES = ("GptOssForCausalLM",)
+
+
+def _has_sinks(bridge) -> bool:
+    return any("sinks" in name for name, _ in bridge.named_parameters())
 
 
 def _validate_bridge(bridge, tokenizer, path: Path) -> None:
@@ -199,7 +246,11 @@ def _validate_bridge(bridge, tokenizer, path: Path) -> None:
     if not patterns:
         raise CtdError(f"{path}: attention pattern hook never fired; eager attention is required")
     sums = patterns[0].float().sum(-1)
-    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
+    if getattr(bridge.cfg, "original_architecture", "") in _SINK_ARCHITECTURES or _has_sinks(bridge):
+        # attention sinks (gpt-oss) take part of each row's mass: the rows over real keys sum to at most 1
+        if not bool(((sums > 0) & (sums <= 1 + 1e-3)).all()):
+            raise CtdError(f"{path}: attention rows over real keys must sum to (0, 1] with sinks (found {float(sums.min()):.3f} to {float(sums.max()):.3f})")
+    elif not torch.allclose(sums, torch.ones_like(sums), atol=1e-3):
         raise CtdError(f"{path}: attention rows do not sum to 1 (max deviation {float((sums - 1).abs().max()):.2e})")
 
 
@@ -248,33 +299,34 @@ def build_tiny_model(
     max_positions: int = 1024,
     seed: int = 0,
 ) -> Path:
-    """Save a tiny random-weight Qwen2, Qwen3 or Llama model plus ``tokenizer`` to ``folder`` (tests)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """Save a tiny random-weight model of ``family`` (a key of :data:`SUPPORTED_ARCHITECTURES`'s
+    values) plus ``tokenizer`` to ``folder`` in the standard Hugging Face layout (tests)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    classes = {
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": d_model // n_heads}),
-        "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    }
-    if family not in classes:
-        raise CtdInputError(f"build_tiny_model: unknown family {family!r}; use one of {sorted(classes)}")
-    config_cls, model_cls, extra = classes[family]
-    config = config_cls(
+    if family not in _TINY:
+        raise CtdInputError(f"build_tiny_model: unknown family {family!r}; use one of {sorted(_TINY)}")
+    model_type, extra = _TINY[family]
+    d_head = d_model // n_heads
+    # None in the table = derived from the sizes (DeepSeek-V3's latent attention has one key/value per head)
+    fill = {"head_dim": d_head, "moe_intermediate_size": d_mlp // 2, "query_pre_attn_scalar": d_head, "num_key_value_heads": n_heads}
+    sizes = {"num_key_value_heads": n_kv_heads}
+    sizes.update({k: (fill[k] if v is None and k in fill else v) for k, v in extra.items()})
+    config = AutoConfig.for_model(
+        model_type,
         vocab_size=len(tokenizer),
         hidden_size=d_model,
         intermediate_size=d_mlp,
         num_hidden_layers=n_layers,
         num_attention_heads=n_heads,
-        num_key_value_heads=n_kv_heads,
         max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.bos_token_id,
-        **extra,
+        **sizes,
     )
     torch.manual_seed(seed)
-    model = model_cls(config)
+    model = AutoModelForCausalLM.from_config(config)
     # Random init at std 0.02 gives near-uniform attention; a larger scale makes patterns and
     # greedy choices sharper, so parity tests compare something non-trivial.
     with torch.no_grad():

@@ -30,6 +30,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from probes.attention import heads_view
 from probes.errors import CtdInputError
 from probes.points import hook_name
 
@@ -227,7 +228,9 @@ def patch_hooks(source: dict[int, Tensor], heads: dict[int, Bool[Tensor, "batch 
                     return tensor
                 hm = head_mask if head_mask.dim() == 2 else head_mask.expand(tensor.shape[0], -1)
                 where = positions[:, :, None] & hm[:, None, :]  # [batch, pos, head]
-                return torch.where(where[..., None], source[layer].to(tensor.dtype), tensor)
+                z = heads_view(tensor, hm.shape[1])
+                src = heads_view(source[layer].to(tensor.dtype), hm.shape[1])
+                return torch.where(where[..., None], src, z).reshape(tensor.shape)
             if prefix_length is not None and tensor.shape[2] != prefix_length:
                 return tensor
             if source[layer].shape != tensor.shape:
@@ -409,6 +412,7 @@ def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenRe
                     delta = acts[source][layer] - acts[target][layer]
                     product = delta * (g.detach() if g is not None else torch.zeros_like(delta))
                     if what == "z":  # [batch, pos, head, d_head]
+                        product = heads_view(product, bridge.cfg.n_heads)
                         per_layer.append((product * positions[:, :, None, None]).sum((1, 3)))
                     else:  # [batch, head, q, k]
                         per_layer.append((product * positions[:, None, :, None]).sum((2, 3)))

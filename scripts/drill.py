@@ -83,6 +83,28 @@ _VOLATILE_HTML = [
 _RUN_NAME_HTML = [re.compile(r"ctd report: [^<]*</title>"), re.compile(r"characterize-then-distill: [^<]*</h1>")]
 
 
+def _is_timing(name: str) -> bool:
+    return "seconds" in str(name)
+
+
+def _without_timings(frame):
+    """A table with its wall-clock columns and rows (``seconds``, ``train_seconds``, ...) dropped."""
+    frame = frame[[c for c in frame.columns if not _is_timing(c)]]
+    if "metric" in frame.columns:
+        frame = frame[~frame["metric"].astype(str).map(_is_timing)]
+        if "condition" in frame.columns and "seed" in frame.columns:  # a seed's equal-compute budget follows wall time
+            frame = frame[~((frame["condition"] == "standard_equal_compute") & (frame["metric"] == "steps"))]
+    return frame.reset_index(drop=True)
+
+
+def _mask_timings(obj):
+    if isinstance(obj, dict):
+        return {k: ("*" if _is_timing(k) else _mask_timings(v)) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_mask_timings(v) for v in obj]
+    return obj
+
+
 def same_content(a: Path, b: Path, run_a: Path, run_b: Path) -> tuple[bool, str]:
     if file_sha256(a) == file_sha256(b):
         return True, "identical bytes"
@@ -96,12 +118,18 @@ def same_content(a: Path, b: Path, run_a: Path, run_b: Path) -> tuple[bool, str]
     if a.suffix == ".parquet":
         import pandas as pd
 
-        fa, fb = pd.read_parquet(a), pd.read_parquet(b)
+        fa, fb = _without_timings(pd.read_parquet(a)), _without_timings(pd.read_parquet(b))
         try:
             pd.testing.assert_frame_equal(fa, fb, check_exact=True)
         except AssertionError as exc:
             return False, f"table differs: {str(exc).splitlines()[0]}"
         return True, "equal table (parquet metadata differs)"
+    if a.suffix == ".json":
+        try:
+            ja, jb = _mask_timings(json.loads(a.read_text())), _mask_timings(json.loads(b.read_text()))
+        except json.JSONDecodeError:
+            return False, "bytes differ"
+        return (ja == jb), "equal JSON once timings are masked" if ja == jb else "bytes differ"
     if a.suffix == ".png":
         return a.stat().st_size > 0 and b.stat().st_size > 0, "PNG re-rendered (bytes differ)"
     return False, "bytes differ"

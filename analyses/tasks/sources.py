@@ -233,7 +233,7 @@ def load_icd10cm(
     chapters=None,
     blocks=None,
     categories=None,
-    n_docs: int = 1000,
+    n_docs: int | None = None,
     seed: int = 0,
     **note_options,
 ) -> Dataset:
@@ -247,8 +247,10 @@ def load_icd10cm(
 
     if path is not None:
         return Dataset.load(_require_dir(path, "icd10cm", "labels.parquet and docs.parquet"))
+    from analyses.config import DEFAULT_N_NOTES
+
     labels = icd10cm_labels(chapters=chapters, blocks=blocks, categories=categories)
-    config = NoteConfig(n_docs=n_docs, seed=seed, **note_options)
+    config = NoteConfig(n_docs=DEFAULT_N_NOTES if n_docs is None else n_docs, seed=seed, **note_options)
     docs = NoteGenerator(labels, config).generate()
     from dataclasses import asdict
 

@@ -9,7 +9,8 @@ from analyses.report import collect_figures, png_available
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 EXPECTED_FIGURES = {
     "dynamics", "boundary_errors", "head_scores", "kurtosis_map", "region_attention", "region_attention_value_weighted",
-    "probes", "logit_lens", "patching_margin", "patching_answer", "isolation", "distill", "distill_trajectories",
+    "probes", "logit_lens", "causal_map", "scores_vs_causal_effects", "ranked_vs_random_heads", "isolation",
+    "distill", "distill_learning_curves", "distill_mechanism_transfer", "distill_trajectories",
 }
 
 
@@ -21,6 +22,8 @@ def test_quick_run_writes_every_stage_and_a_report(quick_run):
         assert (quick_run / f"{name}.parquet").exists(), name
     assert manifest["versions"]["transformers"] == "5.23.0"
     report = (quick_run / "report.html").read_text()
+    for question in ("1. Characterize", "2. Isolate", "3. Distill"):
+        assert question in report
     figures = collect_figures(quick_run)
     assert set(figures) == EXPECTED_FIGURES
     for name in figures:
@@ -36,9 +39,11 @@ def test_distillation_reports_paired_differences_with_cis(quick_run):
 
     frame = pd.read_parquet(quick_run / "distill.parquet")
     paired = frame[(frame["seed"] < 0) & (frame["condition"] == "mechanistic")].set_index("metric")
-    for metric in ("micro_f1_minus_standard", "focus_curve_l1_minus_standard", "well_formed_minus_standard"):
+    for metric in ("micro_f1_minus_standard", "gold_logprob_minus_standard", "ce_phase2_minus_standard", "transfer_kl_phase1_minus_standard"):
         row = paired.loc[metric]
         assert row["ci_low"] <= row["value"] <= row["ci_high"], metric
+    curves = frame[frame["metric"] == "curve:micro_f1"]
+    assert curves.groupby(["condition", "seed"])["step"].nunique().min() >= 3  # step 0 and the checkpoints
 
 
 def test_rerun_reuses_finished_stages(quick_run, capsys):

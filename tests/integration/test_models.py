@@ -5,19 +5,39 @@ import torch
 
 from analyses.traces import GenerationConfig, generate_traces
 from probes.errors import CtdInputError
-from probes.models import load_hf_model, load_model, load_tokenizer
+from probes.models import SUPPORTED_ARCHITECTURES, build_tiny_model, load_hf_model, load_model, load_tokenizer
 
-FAMILIES = ("qwen2", "qwen3", "llama")
+FAMILIES = tuple(dict.fromkeys(SUPPORTED_ARCHITECTURES.values()))
+
+
+@pytest.fixture(scope="session")
+def family_models(tmp_path_factory, tiny_models, tiny_tokenizer):
+    """A tiny random folder per supported family (standard HF layout, built here, never committed)."""
+    root = tmp_path_factory.mktemp("families")
+    cache = dict(tiny_models)
+
+    def get(family):
+        if family not in cache:
+            cache[family] = build_tiny_model(family, root / family, tiny_tokenizer, seed=11)
+        return cache[family]
+
+    return get
+
+
+def test_every_supported_architecture_has_a_tiny_builder():
+    from probes.models import _TINY
+
+    assert set(FAMILIES) == set(_TINY)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_tiny_models_load_offline_through_load_model(tiny_models, family):
-    bridge = load_model(tiny_models[family])
+def test_tiny_models_load_offline_through_load_model(family_models, family):
+    bridge = load_model(family_models(family))
     info = bridge.ctd_info
-    assert info.family == family and info.n_layers == 2 and info.n_heads == 4 and info.n_kv_heads == 2
+    assert info.family == family and info.n_layers == 2 and info.n_heads == 4
     ids = torch.tensor([bridge.tokenizer.encode("Chronic systolic heart failure", add_special_tokens=False)])
     logits, cache = bridge.run_with_cache(ids)
-    hf = load_hf_model(tiny_models[family])
+    hf = load_hf_model(family_models(family))
     with torch.no_grad():
         ref = hf(ids, output_hidden_states=True)
     # Parity with HF: logits and every layer's residual stream (float32, same weights).
@@ -30,6 +50,16 @@ def test_tiny_models_load_offline_through_load_model(tiny_models, family):
         torch.testing.assert_close(hf.model.norm(last), ref.hidden_states[-1], atol=1e-4, rtol=1e-4)
     pattern = cache["blocks.0.attn.hook_pattern"]
     assert pattern.shape == (1, 4, ids.shape[1], ids.shape[1])
+    # Per-head writes z_h W_O^h (z viewed per head as the suite reads it) add up to the attention
+    # output: the head split is the one W_O uses, for every family (latent attention included).
+    from probes.attention import heads_view
+
+    for layer in range(info.n_layers):
+        attn = bridge.blocks[layer].attn
+        z = heads_view(cache[f"blocks.{layer}.attn.hook_z"], attn.W_O.shape[0])
+        writes = torch.einsum("bqhd,hdm->bqm", z, attn.W_O)
+        bias = attn.b_O if getattr(attn, "b_O", None) is not None else 0.0
+        torch.testing.assert_close(writes + bias, cache[f"blocks.{layer}.attn.hook_out"], atol=1e-4, rtol=1e-4)
 
 
 def _argmax_continuation(hf, ids, steps):
@@ -42,10 +72,10 @@ def _argmax_continuation(hf, ids, steps):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_bridge_generate_equals_hf_generate_equals_full_forward(tiny_models, family):
+def test_greedy_bridge_generate_equals_hf_generate_equals_full_forward(family_models, family):
     # Locks the transformers pin: with a wrong pin, the bridge's KV-cached generate drifts.
-    bridge = load_model(tiny_models[family])
-    hf = load_hf_model(tiny_models[family])
+    bridge = load_model(family_models(family))
+    hf = load_hf_model(family_models(family))
     tok = bridge.tokenizer
     ids = torch.tensor([tok.encode("<note> Presents with chronic systolic heart failure. </note>\n<think>\n", add_special_tokens=False)])
     steps = 12
@@ -73,7 +103,7 @@ def test_missing_folder_and_unsupported_architecture(tmp_path, tiny_models):
     folder = tmp_path / "gpt2ish"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
-    with pytest.raises(CtdInputError, match=r"unsupported architecture 'GPT2LMHeadModel'"):
+    with pytest.raises(CtdInputError, match=r"unsupported architecture 'GPT2LMHeadModel'.*Qwen3ForCausalLM"):
         load_model(folder)
     assert load_tokenizer(tiny_models["qwen3"]).padding_side == "left"
 
