@@ -158,8 +158,16 @@ class TraceParser:
         answer_close: str = "</answer>",
         match_texts: bool = True,
         min_text_words: int = 2,
+        think_open: str | None = "<think>",
+        tagless_answer: bool = False,
     ):
+        """``think_open``: when the output itself opens the CoT with this marker (models whose chat
+        template does not), the CoT starts after it. ``tagless_answer``: without answer tags after
+        the think close, the answer is every label named there (by code or description), flagged
+        "answer without tags"; off, such a trace has no answer (the organism's strict format)."""
         self.labels = labels
+        self.tagless_answer = tagless_answer
+        self.think_open = think_open
         self.think_close = think_close
         self.answer_open = answer_open
         self.answer_close = answer_close
@@ -215,6 +223,7 @@ class TraceParser:
         """Label ids named in an answer body ("I50.22, I10" or label texts), and the unknown items."""
         found: list[int] = []
         unknown: list[str] = []
+        body = re.sub(r"<[^<>]{1,40}>", " ", body)  # inner markup (<answer> inside a final channel, ...)
         for item in re.split(r"[,;\n]", body):
             item = item.strip().strip(".")
             if not item:
@@ -228,6 +237,11 @@ class TraceParser:
             elif label not in found:
                 found.append(label)
         return found, unknown
+
+    @classmethod
+    def for_template(cls, labels: LabelSpace, template, **options) -> "TraceParser":
+        """A parser for the markers of a prompt template (``analyses.prompts.PromptTemplate``)."""
+        return cls(labels, think_close=template.think_close, answer_open=template.answer_open, answer_close=template.answer_close, think_open=template.think_open, tagless_answer=template.chat, **options)
 
     def answer_of(self, text: str) -> list[int]:
         """Labels in the first ``<answer>...</answer>`` block of ``text`` (an unclosed block runs to the end)."""
@@ -261,6 +275,11 @@ class TraceParser:
         text, spans = token_char_spans(tokenizer, output_ids)
         problems: list[str] = []
         close_at = text.find(self.think_close)
+        # A model whose template does not open the think block writes the marker itself.
+        open_at = text.find(self.think_open) if self.think_open else -1
+        cot_char_start = open_at + len(self.think_open) if 0 <= open_at and (close_at < 0 or open_at < close_at) else 0
+        if close_at >= 0 and close_at < cot_char_start:
+            close_at = text.find(self.think_close, cot_char_start)
         has_close = close_at >= 0
         cot_char_end = close_at if has_close else len(text)
         if not has_close:
@@ -271,18 +290,26 @@ class TraceParser:
         has_answer = False
         answer_char = (len(text), len(text))
         if has_close:
-            a_open = text.find(self.answer_open, close_at)
+            after = close_at + len(self.think_close)
+            a_open = text.find(self.answer_open, after) if self.answer_open else -1
             if a_open >= 0:
-                a_close = text.find(self.answer_close, a_open)
+                a_close = text.find(self.answer_close, a_open) if self.answer_close else -1
                 body_start = a_open + len(self.answer_open)
                 body_end = a_close if a_close >= 0 else len(text)
-                has_answer = a_close >= 0
+                has_answer = a_close >= 0 or not self.answer_close
                 if not has_answer:
                     problems.append("answer not closed")
                 answer_char = (body_start, body_end)
                 answer_ids, unknown = self.answer_labels(text[body_start:body_end])
             else:
-                problems.append("no answer")
+                # No answer tags: the labels named after the think close, in order.
+                found = list(dict.fromkeys(lab for lab, _, _, _ in self.find_mentions(text, after))) if self.tagless_answer else []
+                if found:
+                    answer_ids, has_answer = found, True
+                    answer_char = (after, len(text))
+                    problems.append("answer without tags")
+                else:
+                    problems.append("no answer")
         if unknown:
             problems.append(f"unknown answer codes {unknown[:3]}")
 
@@ -294,13 +321,13 @@ class TraceParser:
             t1 = int(np.searchsorted(token_starts, c1, side="left"))
             return n_prompt + t0, n_prompt + max(t1, t0 + 1)
 
-        mentions = [Mention(lab, s, e, *token_range(s, e), kind) for lab, s, e, kind in self.find_mentions(text, 0, cot_char_end)]
+        mentions = [Mention(lab, s, e, *token_range(s, e), kind) for lab, s, e, kind in self.find_mentions(text, cot_char_start, cot_char_end)]
         shortlist: list[int] = []
         for m in mentions:
             if m.label_id not in shortlist:
                 shortlist.append(m.label_id)
 
-        cot_start = n_prompt
+        cot_start = n_prompt + int(np.searchsorted(token_ends, cot_char_start, side="right")) if cot_char_start else n_prompt
         cot_end = token_range(cot_char_end, cot_char_end)[0] if has_close else n_prompt + len(output_ids)
         regions = np.full(n_prompt + len(output_ids), Region.PROMPT, dtype=np.int8)
         if prompt_spans is not None and document_span is not None:

@@ -47,15 +47,15 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
-def _template_for(model_dir: Path, template_name: str | None) -> PromptTemplate:
+def _template_for(model_dir: Path, template_name: str | None, tokenizer=None) -> PromptTemplate:
     if template_name is not None:
         return get_template(template_name)
     if (model_dir / "ctd_organism.json").exists():
         return get_template("organism")
-    from probes.models import family_of
+    from probes.models import family_of, load_tokenizer
 
     family, _ = family_of(model_dir)
-    return default_template(family)
+    return default_template(family, tokenizer if tokenizer is not None else load_tokenizer(model_dir))
 
 
 def generate_traces(
@@ -83,10 +83,10 @@ def generate_traces(
     if batch_size is not None:
         config.batch_size = batch_size
     model_dir = Path(model)
-    template = _template_for(model_dir, template_name)
     tokenizer = tokenizer or load_tokenizer(model_dir)
+    template = _template_for(model_dir, template_name, tokenizer)
     hf_model = hf_model or load_hf_model(model_dir, attn_implementation=config.attn_implementation)
-    parser = TraceParser(labels, think_close=template.think_close, answer_open=template.answer_open, answer_close=template.answer_close)
+    parser = TraceParser.for_template(labels, template)
     eos_ids = [tokenizer.eos_token_id]
     generator = torch.Generator().manual_seed(config.seed)
 
@@ -102,7 +102,7 @@ def generate_traces(
                 if candidates is None:
                     raise CtdInputError(f"template {template.name} needs candidates; pass candidates or use a plain template")
                 cand = [labels.codes[c] for c in candidates[b0 + i]]
-            rendered.append(template.render(doc["text"], cand))
+            rendered.append(template.render(doc["text"], cand, tokenizer))
         encoded = [tokenizer(text, add_special_tokens=False, return_offsets_mapping=True) for text, _ in rendered]
         prompt_ids = [e["input_ids"] for e in encoded]
         width = max(len(p) for p in prompt_ids)

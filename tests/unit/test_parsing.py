@@ -179,3 +179,52 @@ def test_phase_lengths_vary_with_the_note(heart_labels, heart_notes):
     shares = np.array(shares)
     assert shares.min() < 0.2 and shares.max() > 0.6
     assert np.subtract(*np.percentile(shares, [75, 25])) >= 0.15
+
+
+def test_reasoning_traces_in_the_styles_of_several_families(heart_labels, tiny_tokenizer):
+    """A fixture of traces written by the project in the styles of R1 distills, Qwen3, Magistral,
+    gpt-oss and Phi-4-reasoning: the parser finds their markers, mentions (by code and by
+    description), shortlist and answer."""
+    import json
+    from pathlib import Path
+
+    cases = json.loads((Path(__file__).resolve().parents[1] / "fixtures" / "reasoning_traces.json").read_text())
+    assert len({c["template"] for c in cases}) >= 5
+    for case in cases:
+        template = get_template(case["template"])
+        parser = TraceParser.for_template(heart_labels, template)
+        prompt = tiny_tokenizer.encode("<note> x </note>\n", add_special_tokens=False)
+        output = tiny_tokenizer.encode(case["output"], add_special_tokens=False)
+        parsed = parser.parse(tiny_tokenizer, prompt, output)
+        expected = case["expected"]
+        assert [heart_labels.codes[i] for i in parsed.shortlist] == expected["shortlist"], case["name"]
+        assert [heart_labels.codes[i] for i in parsed.answer] == expected["answer"], case["name"]
+        assert parsed.well_formed == expected["well_formed"], case["name"]
+        assert parsed.problems == expected["problems"], (case["name"], parsed.problems)
+        cot_text = tiny_tokenizer.decode(output[parsed.cot_start - len(prompt) : parsed.cot_end - len(prompt)])
+        assert cot_text.lstrip().startswith(expected["cot_starts_with"]), (case["name"], cot_text[:40])
+        assert template.think_open not in cot_text and template.think_close not in cot_text, case["name"]
+
+
+def test_chat_templates_render_the_document_and_open_thinking(tiny_tokenizer):
+    """A model's own chat template (with the thinking switch where it has one) renders the prompt;
+    the document is found verbatim, and a template that opens the think block ends the prompt inside it."""
+    import copy
+
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and enable_thinking %}<think>{% endif %}{% endif %}"
+    )
+    text, (a, b) = get_template("qwen3-chat").render("Diagnosed with cardiomegaly.", tokenizer=tok)
+    assert text[a:b] == "Diagnosed with cardiomegaly."
+    assert text.endswith("<think>\n")  # thinking enabled through the template's own switch
+    r1 = copy.deepcopy(tiny_tokenizer)
+    r1.chat_template = "{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
+    text, _ = get_template("qwen2-chat").render("Diagnosed with cardiomegaly.", tokenizer=r1)
+    assert text.endswith("<｜Assistant｜>")  # this template leaves the think block to the model
+    from analyses.prompts import default_template
+
+    assert default_template("qwen3", tok).name == "qwen3-chat" and default_template("qwen3", tiny_tokenizer).name == "qwen3-plain"
+    with pytest.raises(Exception, match="no chat template"):
+        get_template("qwen3-chat").render("x", tokenizer=tiny_tokenizer)
