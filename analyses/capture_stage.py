@@ -11,6 +11,7 @@ import pandas as pd
 from analyses.io import Manifest, read_parquet
 from analyses.parsing import Region
 from probes.capture import CaptureConfig, CaptureRequest, capture
+from probes.distributed import rank_and_world
 from probes.errors import input_error
 from probes.points import resolve_points
 
@@ -65,6 +66,7 @@ def capture_run(
     progress: bool = True,
     model=None,
     manifest: Manifest | None = None,
+    device_map: str | None = None,
 ) -> Path:
     """Capture the run's traces (``traces.parquet`` and, when present, ``dev_traces.parquet``) with
     the run's model into one store; resumable (finished shards are kept)."""
@@ -78,16 +80,20 @@ def capture_run(
     dev_path = run_dir / "dev_traces.parquet"
     if dev_path.exists():  # dev traces share the store (their doc ids differ): tuning and dev head rankings read them
         traces = pd.concat([traces, read_parquet(dev_path, required=columns)], ignore_index=True)
-    bridge = model if model is not None else load_model(model_path)
+    bridge = model if model is not None else load_model(model_path, device_map=device_map)
     n_layers = bridge.cfg.n_layers
     hook_names = resolve_points(points, n_layers)
     layers = list(range(n_layers)) if attention_layers == "all" else [] if attention_layers == "none" else list(attention_layers)
     config = CaptureConfig(points=hook_names, attention_layers=layers, n_regions=len(Region), batch_size=batch_size, padding=padding, dtype=dtype)
     stage_config = {"points": hook_names, "attention_layers": layers, "positions": positions, "batch_size": batch_size, "dtype": dtype, "padding": padding}
     requests = capture_requests(traces, positions, run_dir / "traces.parquet")
+    settings = {"model": str(model_path), "positions": positions}
+    if rank_and_world()[0] != 0:  # torchrun: rank 0 records the stage once every rank's share is merged
+        return capture(bridge, requests, run_dir, config, settings=settings, progress=False)
     with manifest.stage("capture", config=stage_config) as record:
-        root = capture(bridge, requests, run_dir, config, settings={"model": str(model_path), "positions": positions}, progress=progress)
+        root = capture(bridge, requests, run_dir, config, settings=settings, progress=progress)
         record["outputs"] = ["activations/"]
         record["counts"] = {"traces": len(requests), "tokens": int(sum(len(r.positions) for r in requests))}
+        record["processes"] = rank_and_world()[1]
     print(f"[capture] {len(requests)} traces, {sum(len(r.positions) for r in requests):,} tokens -> {root}", file=sys.stderr)
     return root

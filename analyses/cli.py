@@ -91,7 +91,7 @@ def _cmd_traces(args) -> int:
         options.setdefault("chapters", list(DEFAULT_LABEL_CHAPTERS))
         options.setdefault("n_docs", DEFAULT_N_NOTES)
     dataset = load_dataset(source, path, **options)
-    config = GenerationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed or 0)
+    config = GenerationConfig(batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, do_sample=args.sample, seed=args.seed or 0, device_map=args.device_map)
     write_traces(args.out, dataset, model=args.model, split=args.split, n_docs=args.n_docs, template_name=args.template, config=config, n_dev_docs=args.n_dev_docs)
     return 0
 
@@ -106,7 +106,7 @@ def _cmd_capture(args) -> int:
         except ValueError:
             raise CtdInputError(f"--attention-layers {args.attention_layers!r}: use all, none or a list like 0,1,2") from None
     points = [p for item in (args.points or []) for p in item.split(",") if p]
-    capture_run(args.run, points=points or None, attention_layers=layers, positions=args.positions, batch_size=args.batch_size, dtype=args.dtype, padding=args.padding)
+    capture_run(args.run, points=points or None, attention_layers=layers, positions=args.positions, batch_size=args.batch_size, dtype=args.dtype, padding=args.padding, device_map=args.device_map)
     return 0
 
 
@@ -153,7 +153,7 @@ def _cmd_patch(args) -> int:
 
     from analyses.patch import PatchSettings, patch_run
 
-    settings = PatchSettings(n_docs=args.n_docs, n_random=args.n_random, seed=args.seed, what=args.what, sweep=not args.no_sweep, regenerate=not args.no_regenerate)
+    settings = PatchSettings(n_docs=args.n_docs, n_random=args.n_random, seed=args.seed, what=args.what, sweep=not args.no_sweep, regenerate=not args.no_regenerate, device_map=args.device_map)
     if args.positions:
         settings.sweep_positions = tuple(args.positions)
 
@@ -271,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     traces.add_argument("--seed", type=int)
     traces.add_argument("--opt", action="append", help="dataset option KEY=VALUE (repeatable)")
+    traces.add_argument("--device-map", help="accelerate device map for one model across a node's GPUs (e.g. auto)")
     traces.set_defaults(func=_cmd_traces)
 
     cap = sub.add_parser("capture", help="replay a run's traces and store activations and attention statistics")
@@ -281,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--batch-size", type=int, default=8)
     cap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     cap.add_argument("--padding", default="left", choices=["left", "right"])
+    cap.add_argument("--device-map", help="accelerate device map for one model across a node's GPUs (e.g. auto)")
     cap.set_defaults(func=_cmd_capture)
 
     char = sub.add_parser("characterize", help="dynamics, boundary, head scores, attribution, probes and logit lens")
@@ -300,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--positions", nargs="+", choices=["all", "phase1", "phase2"], help="position sets of the per-head sweep (default: all three)")
     patch.add_argument("--no-sweep", action="store_true", help="attribution patching only (models too large to sweep)")
     patch.add_argument("--no-regenerate", action="store_true", help="teacher-forced read-outs only")
+    patch.add_argument("--device-map", help="accelerate device map for one model across a node's GPUs (e.g. auto)")
     patch.add_argument("--seed", type=int, default=0)
     patch.set_defaults(func=_cmd_patch)
 

@@ -170,7 +170,9 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        # Processes of one torchrun job share the lock (each rank works on its own share of the run).
+        group = os.environ.get("TORCHELASTIC_RUN_ID") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        me = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "group": group}
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -181,6 +183,8 @@ class RunLock:
                     info = {}
                 if info.get("pid") == os.getpid() and info.get("host") == platform.node():
                     return self  # re-entered by the same process
+                if group is not None and info.get("group") == group:
+                    return self  # another rank of the same torchrun job
                 if self._owner_alive(info):
                     raise input_error(self.path.parent, f"another ctd process (pid {info.get('pid')}, since {info.get('started')}) is using this run directory", "wait for it to finish or choose another --out") from None
                 self.path.unlink(missing_ok=True)  # stale: its owner is gone
@@ -215,7 +219,7 @@ def check_run_name(out: str | Path, root: str | Path = "results") -> Path:
 
 # Activation shards carry their own checksums (activations/shards.json, verified by the store on
 # every read), so the manifest hashes the store's listing and index instead of every shard again.
-_SELF_CHECKED = ("activations/shard-",)
+_SELF_CHECKED = ("activations/shard-", "activations/rank-")
 
 
 def output_files(run_dir: Path, outputs: Iterable[str]) -> list[str]:

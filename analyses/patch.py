@@ -88,6 +88,7 @@ class PatchSettings:
     n_boot: int = 1000
     n_permutations: int = 2000
     seed: int = 0
+    device_map: str | None = None  # "auto": one large model across the GPUs of a node
 
     @classmethod
     def quick(cls) -> "PatchSettings":
@@ -332,7 +333,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
     traces = read_parquet(run_dir / "traces.parquet")
     dataset = Dataset.load(run_dir)
     labels, by_id = dataset.labels, dataset.docs.set_index("doc_id")
-    bridge = model if model is not None else load_model(model_path)
+    bridge = model if model is not None else load_model(model_path, device_map=settings.device_map)
     tok = bridge.tokenizer
     n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
     tau = boundary[boundary["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
@@ -376,7 +377,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
     parser = TraceParser(labels, think_close=template.think_close, answer_open=template.answer_open, answer_close=template.answer_close)
     answer_open = tok.encode(parser.answer_open, add_special_tokens=False)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
-    hf = load_hf_model(model_path, attn_implementation="sdpa") if settings.regenerate and settings.what == "z" else None
+    hf = load_hf_model(model_path, attn_implementation="sdpa", device_map=settings.device_map) if settings.regenerate and settings.what == "z" else None
     stop_ids = set(tok.encode(parser.answer_close, add_special_tokens=False)[:1]) | {tok.eos_token_id}
 
     rows: list[dict] = []

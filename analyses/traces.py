@@ -20,6 +20,7 @@ from analyses.organism import boundary_char, default_organism_path
 from analyses.parsing import TraceParser, token_char_spans
 from analyses.prompts import PromptTemplate, default_template, get_template
 from analyses.tasks.labels import LabelSpace
+from probes.distributed import barrier, rank_and_world, shard_for_rank
 from probes.errors import CtdInputError, input_error
 
 __all__ = ["GenerationConfig", "generate_traces", "write_traces", "resolve_model_path", "traces_stage_config", "default_dev_docs"]
@@ -35,6 +36,7 @@ class GenerationConfig:
     top_p: float = 0.95
     seed: int = 0
     attn_implementation: str = "sdpa"
+    device_map: str | None = None  # "auto": one model across the GPUs of a node (accelerate)
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -85,7 +87,7 @@ def generate_traces(
     model_dir = Path(model)
     tokenizer = tokenizer or load_tokenizer(model_dir)
     template = _template_for(model_dir, template_name, tokenizer)
-    hf_model = hf_model or load_hf_model(model_dir, attn_implementation=config.attn_implementation)
+    hf_model = hf_model or load_hf_model(model_dir, attn_implementation=config.attn_implementation, device_map=config.device_map)
     parser = TraceParser.for_template(labels, template)
     eos_ids = [tokenizer.eos_token_id]
     generator = torch.Generator().manual_seed(config.seed)
@@ -232,14 +234,40 @@ def write_traces(
         dataset.save(run_dir)
     stage_config = traces_stage_config(model_dir, split, n_docs, template_name, config, n_dev_docs)
     manifest.update(model={"path": str(model_dir.resolve())}, dataset={"name": dataset.name, **dataset.info})
+    rank, world = rank_and_world()
+
+    def generate(frame: pd.DataFrame, name: str) -> pd.DataFrame:
+        """Every document's trace; under torchrun each rank writes its share and rank 0 joins them."""
+        if world == 1:
+            return generate_traces(model_dir, frame, dataset.labels, template_name=template_name, config=config, progress=progress)
+        part = run_dir / f"{name}.rank-{rank}-of-{world}.parquet"
+        if not part.exists():  # a rerun after a rank died regenerates only the missing shares
+            write_parquet(generate_traces(model_dir, shard_for_rank(frame), dataset.labels, template_name=template_name, config=config, progress=progress and rank == 0), part)
+        barrier()
+        if rank != 0:
+            return frame.head(0)
+        parts = pd.concat([pd.read_parquet(run_dir / f"{name}.rank-{r}-of-{world}.parquet") for r in range(world)], ignore_index=True)
+        return parts.set_index("doc_id").loc[list(frame["doc_id"])].reset_index()
+
+    if rank != 0:  # torchrun: the other ranks generate their shares; rank 0 joins and records them
+        generate(docs, "traces")
+        if len(dev_docs):
+            generate(dev_docs, "dev_traces")
+        barrier()
+        return docs.head(0)
     with manifest.stage("traces", config=stage_config, seed=config.seed) as record:
-        traces = generate_traces(model_dir, docs, dataset.labels, template_name=template_name, config=config, progress=progress)
+        traces = generate(docs, "traces")
         write_parquet(traces, run_dir / "traces.parquet")
         record["outputs"] = ["traces.parquet"]
         if len(dev_docs):
-            dev = generate_traces(model_dir, dev_docs, dataset.labels, template_name=template_name, config=config, progress=progress)
+            dev = generate(dev_docs, "dev_traces")
             write_parquet(dev, run_dir / "dev_traces.parquet")
             record["outputs"].append("dev_traces.parquet")
+        record["processes"] = world
+    if world > 1:
+        for leftover in run_dir.glob("*.rank-*-of-*.parquet"):
+            leftover.unlink()
+        barrier()
         bad = traces[~traces["well_formed"]]
         record["counts"] = {"traces": int(len(traces)), "malformed": int(len(bad)), "dev_traces": int(len(dev_docs))}
     reasons = pd.Series([p for ps in bad["problems"] for p in ps]).str.replace(r" \[.*", "", regex=True).value_counts()

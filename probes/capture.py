@@ -9,6 +9,7 @@ dropped as soon as the hook returns, so no layer's attention outlives its own ho
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,8 +23,9 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
-from probes.errors import CtdInputError, CtdNumericalError
 from probes.attention import attention_reductions, head_value_norms, heads_view, value_gram
+from probes.distributed import barrier, merge_rank_stores, rank_and_world, shard_for_rank
+from probes.errors import CtdInputError, CtdNumericalError
 from probes.points import REDUCTIONS, hook_name, point_of_hook
 from probes.store import DTYPES, SEP, STORE_DIR, ShardWriter
 from probes.typing import HeadZ, Pattern
@@ -130,9 +132,8 @@ def capture(
     ``settings`` (model path, ...) join the config in the store's identity: a store made with
     other settings is never resumed into. ``on_batch(i)`` runs before batch i (tests use it to
     interrupt a capture at a chosen point).
+    Under ``torchrun`` each rank captures its share of the documents (see :mod:`probes.distributed`).
     """
-    from tqdm.auto import tqdm
-
     root = Path(run_dir) / store_dir
     ids = [r.doc_id for r in requests]
     if len(set(ids)) != len(ids):
@@ -151,6 +152,27 @@ def capture(
     if bad_layers:
         raise CtdInputError(f"capture: attention layers {bad_layers} out of range (the model has {n_layers})")
     identity = {**(settings or {}), "config": asdict(config), "docs": ids}
+    rank, world = rank_and_world()
+    if world > 1:  # torchrun: this rank's share into its own store, then rank 0 merges them
+        merged = root / "shards.json"
+        normal = json.loads(json.dumps(identity, default=str))
+        if merged.exists() and json.loads(merged.read_text()).get("complete") and json.loads(merged.read_text()).get("settings") == normal:
+            return root
+        mine = shard_for_rank(requests)
+        _capture_local(bridge, mine, root / f"rank-{rank}", config, {**identity, "docs": [r.doc_id for r in mine], "rank": rank}, progress, on_batch)
+        barrier()
+        if rank == 0:
+            merge_rank_stores(root, world, normal)
+        barrier()
+        return root
+    return _capture_local(bridge, requests, root, config, identity, progress, on_batch)
+
+
+def _capture_local(bridge, requests: list[CaptureRequest], root: Path, config: CaptureConfig, identity: dict, progress: bool, on_batch) -> Path:
+    """One process's capture of ``requests`` into the store at ``root``."""
+    from tqdm.auto import tqdm
+
+    n_layers = bridge.cfg.n_layers
     writer = ShardWriter(root, identity)
     store_dtype = DTYPES[config.dtype]
     pad_id = bridge.tokenizer.pad_token_id if bridge.tokenizer.pad_token_id is not None else 0

@@ -194,8 +194,11 @@ def _check_checkpoint(path: Path, trust_remote_code: bool) -> None:
         raise input_error(path / stored[extra[0]][0], f"{len(extra)} tensor(s) the architecture does not have, e.g. {extra[0]!r}", "the weights do not belong to this config.json; restore them")
 
 
-def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "eager", trust_remote_code: bool = False):
+def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, attn_implementation: str = "eager", trust_remote_code: bool = False, device_map: str | dict | None = None):
     """The plain Hugging Face model (for generation with its KV cache), in eval mode.
+
+    ``device_map`` (``"auto"``, ``"balanced"``, a dict): one model across the GPUs of a node,
+    placed by accelerate; ``device`` is then ignored.
 
     Only safetensors are read, and the checkpoint is checked against config.json first: a
     missing, extra or wrongly shaped tensor is an input error naming it, never a silent random init.
@@ -215,6 +218,7 @@ def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             output_loading_info=True,
+            **({"device_map": device_map} if device_map is not None else {}),
         )
     except (OSError, ValueError, RuntimeError) as exc:
         raise input_error(path, f"cannot load weights ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", "check the safetensors files and config.json") from None
@@ -222,7 +226,7 @@ def load_hf_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = to
         problems = sorted(map(str, info.get(kind) or []))
         if problems and not (kind == "missing_keys" and problems == ["lm_head.weight"] and getattr(model.config, "tie_word_embeddings", False)):
             raise input_error(path, f"loading reports {kind.replace('_', ' ')}: {problems[0]}" + (f" and {len(problems) - 1} more" if len(problems) > 1 else ""), "the weights do not belong to this config.json; restore them")
-    return model.to(device).eval()
+    return (model if device_map is not None else model.to(device)).eval()
 
 
 # Architectures whose attention has learned sink logits: a share of each row goes to no key.
@@ -254,20 +258,23 @@ def _validate_bridge(bridge, tokenizer, path: Path) -> None:
         raise CtdError(f"{path}: attention rows do not sum to 1 (max deviation {float((sums - 1).abs().max()):.2e})")
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, validate: bool = True):
+def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, validate: bool = True, device_map: str | dict | None = None):
     """A TransformerBridge over the causal LM in ``path`` (offline, eager attention, tokenizer from disk).
 
     Returns the bridge; ``bridge.tokenizer`` is the tokenizer and ``bridge.ctd_info`` a :class:`ModelInfo`.
     A missing folder or an unsupported architecture is a one-line ``CtdInputError``.
+    ``device_map="auto"`` spreads one large model over the GPUs of a node (accelerate; the bridge
+    keeps the dispatch), instead of ``device``.
     """
     from transformer_lens.model_bridge import TransformerBridge
 
     path = Path(path)
     family, architecture = family_of(path)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
-    hf_model = load_hf_model(path, device=device, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code)
+    hf_model = load_hf_model(path, device=device, dtype=dtype, attn_implementation="eager", trust_remote_code=trust_remote_code, device_map=device_map)
+    placement = {"device_map": device_map} if device_map is not None else {"device": device}
     bridge = TransformerBridge.boot_transformers(
-        str(path), hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype, trust_remote_code=trust_remote_code
+        str(path), hf_model=hf_model, tokenizer=tokenizer, dtype=dtype, trust_remote_code=trust_remote_code, **placement
     )
     bridge.eval()
     if validate:
