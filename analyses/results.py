@@ -10,6 +10,7 @@ from typing import ClassVar
 import pandas as pd
 
 from analyses.io import read_parquet, write_parquet
+from probes.errors import input_error
 
 __all__ = ["FrameResult"]
 
@@ -27,7 +28,7 @@ class FrameResult:
             self.frame = pd.DataFrame(columns=list(self.REQUIRED))
         missing = [c for c in self.REQUIRED if c not in self.frame.columns]
         if missing:
-            raise ValueError(f"{type(self).__name__} frame lacks columns {missing}")
+            raise input_error(f"{type(self).__name__}", f"the table lacks column(s) {missing}", "load a file written by this result's stage")
 
     def save(self, path: str | Path) -> Path:
         return write_parquet(self.frame, path, metadata={"ctd_meta": json.dumps(self.meta, default=str)})

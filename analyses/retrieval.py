@@ -117,8 +117,3 @@ class LabelRetriever:
         self.labels = labels
         self.vectors = label_vectors if label_vectors is not None else embed_texts(labels.texts)
         self.index = build_index(self.vectors, kind)
-
-    def top_k(self, texts: list[str], k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        from analyses.embed import embed_texts
-
-        return self.index.search(embed_texts(texts), k)

@@ -12,7 +12,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from probes.typing import Pattern
+from probes.typing import KeyMask, Pattern
 
 __all__ = ["doc_kurtosis", "attention_reductions", "value_gram", "head_value_norms", "heads_view"]
 
@@ -45,7 +45,7 @@ def attention_reductions(
     pattern: Pattern,
     query_index: Int[Tensor, "batch nq"],
     key_regions: Int[Tensor, "batch key"],
-    document_mask: Bool[Tensor, "batch key"],
+    document_mask: KeyMask,
     n_regions: int,
     value_norms: Float[Tensor, "batch head key"] | None = None,
     query_window: int | None = None,

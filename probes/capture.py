@@ -28,7 +28,7 @@ from probes.distributed import barrier, merge_rank_stores, rank_and_world, shard
 from probes.errors import CtdInputError, CtdNumericalError
 from probes.points import REDUCTIONS, hook_name, point_of_hook
 from probes.store import DTYPES, SEP, STORE_DIR, ShardWriter
-from probes.typing import HeadZ, Pattern
+from probes.typing import AttentionMask, TokenIds
 
 __all__ = [
     "CaptureRequest",
@@ -92,7 +92,7 @@ class CaptureConfig:
             raise CtdInputError(f"dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
 
 
-def pad_batch(sequences: list[Sequence[int]], pad_id: int, side: str = "left") -> tuple[Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], Int[Tensor, "batch pos"], np.ndarray]:
+def pad_batch(sequences: list[Sequence[int]], pad_id: int, side: str = "left") -> tuple[TokenIds, AttentionMask, TokenIds, np.ndarray]:
     """Token ids, attention mask and position ids of a padded batch, plus each row's offset.
 
     With left padding the position ids count from each sequence's first real token, so every

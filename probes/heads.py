@@ -18,11 +18,10 @@ from jaxtyping import Float
 from torch import Tensor
 
 from probes.errors import CtdNumericalError
-from probes.typing import HeadWrite, HeadZ
+from probes.typing import QueryHead, QueryHeadWrite, QueryResid, QueryVocab
 
 __all__ = [
     "margin_pairs",
-    "head_writes",
     "coarse_terms",
     "refine_terms",
     "label_margin",
@@ -32,30 +31,25 @@ __all__ = [
 ]
 
 
-def head_writes(z: HeadZ, w_o: Float[Tensor, "head d_head d_model"]) -> HeadWrite:
-    """Per-head residual writes z_h · W_O^h, [batch, pos, head, d_model]."""
-    return torch.einsum("bphd,hdm->bphm", z, w_o)
-
-
 def _cos(a: Float[Tensor, "... d"], b: Float[Tensor, "... d"]) -> Float[Tensor, "..."]:
     return torch.nn.functional.cosine_similarity(a.float(), b.float().expand_as(a), dim=-1, eps=1e-12)
 
 
 def coarse_terms(
-    kurtosis: Float[Tensor, "query head"],
-    writes: Float[Tensor, "query head d_model"],
+    kurtosis: QueryHead,
+    writes: QueryHeadWrite,
     direction: Float[Tensor, "d_model"],
-) -> Float[Tensor, "query head"]:
+) -> QueryHead:
     """κ(h, q) · cos(Δ_h(q), anchor direction) per early-phase query and head."""
     return kurtosis.float() * _cos(writes, direction)
 
 
 def refine_terms(
-    mass_gold: Float[Tensor, "query head"],
-    mass_near_miss: Float[Tensor, "query head"],
-    writes: Float[Tensor, "query head d_model"],
-    margin_grad: Float[Tensor, "query d_model"],
-) -> Float[Tensor, "query head"]:
+    mass_gold: QueryHead,
+    mass_near_miss: QueryHead,
+    writes: QueryHeadWrite,
+    margin_grad: QueryResid,
+) -> QueryHead:
     """(mass to gold mentions − mass to near-miss mentions) · cos(Δ_h(q), ∇ margin(q))."""
     return (mass_gold.float() - mass_near_miss.float()) * _cos(writes, margin_grad[:, None, :])
 
@@ -99,7 +93,7 @@ def margin_pairs(tokenizer, codes: Sequence[str], gold: Sequence[int], near: Seq
 
 
 def label_margin(
-    log_probs: Float[Tensor, "query vocab"],
+    log_probs: QueryVocab,
     pairs: Sequence[Sequence[tuple[int, int]]],
 ) -> Float[Tensor, "query"]:
     """margin(q) = mean over gold labels of min over their near-misses of [log p(a) − log p(b)].
@@ -121,10 +115,10 @@ def label_margin(
 
 
 def margin_gradient(
-    final_resid: Float[Tensor, "query d_model"],
+    final_resid: QueryResid,
     readout: Callable[[Tensor], Tensor],
     pairs: Sequence[Sequence[tuple[int, int]]],
-) -> tuple[Float[Tensor, "query"], Float[Tensor, "query d_model"]]:
+) -> tuple[Float[Tensor, "query"], QueryResid]:
     """margin(q) and ∇_{r_final(q)} margin(q), by autograd through ``readout`` (final norm + unembed).
 
     Queries are independent (the readout acts per position), so one backward pass of the summed

@@ -13,6 +13,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from probes.typing import QueryResid
+
 __all__ = ["readout_of", "lens_scores"]
 
 
@@ -26,7 +28,7 @@ def readout_of(bridge) -> Callable[[Tensor], Tensor]:
 
 
 def lens_scores(
-    resid: Float[Tensor, "query d_model"],
+    resid: QueryResid,
     readout: Callable[[Tensor], Tensor],
     tokens: Sequence[int],
     chunk: int = 256,

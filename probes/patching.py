@@ -31,6 +31,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from probes.attention import heads_view
+from probes.typing import AttentionMask, Logits, TokenIds
 from probes.errors import CtdInputError
 from probes.points import hook_name
 
@@ -103,10 +104,10 @@ class PatchInputs:
     corrupted sequences have the same length (the corruption swaps tokens one for one).
     """
 
-    clean: Int[Tensor, "batch pos"]
-    corrupt: Int[Tensor, "batch pos"]
-    attention_mask: Int[Tensor, "batch pos"]
-    position_ids: Int[Tensor, "batch pos"]
+    clean: TokenIds
+    corrupt: TokenIds
+    attention_mask: AttentionMask
+    position_ids: TokenIds
     offsets: np.ndarray
     lengths: np.ndarray
 
@@ -178,7 +179,7 @@ def _needed(readouts: Sequence[TokenReadout], offsets: np.ndarray) -> dict[int, 
     return {b: sorted(p) for b, p in rows.items()}
 
 
-def readout_values(logits: Float[Tensor, "batch pos vocab"], readouts: Sequence[TokenReadout], offsets: np.ndarray) -> dict[str, Float[Tensor, "batch"]]:
+def readout_values(logits: Logits, readouts: Sequence[TokenReadout], offsets: np.ndarray) -> dict[str, Float[Tensor, "batch"]]:
     """Each read-out per trace; log-softmax is taken only at the positions read (vocabularies are large)."""
     needed = _needed(readouts, offsets)
     table: dict[tuple[int, int], Tensor] = {}
@@ -197,7 +198,7 @@ def _hook(what: str, layer: int) -> str:
     return hook_name("z" if what == "z" else "pattern", layer)
 
 
-def head_activations(bridge, tokens: Int[Tensor, "batch pos"], inputs: PatchInputs, layers: Sequence[int], what: str = "z") -> dict[int, Tensor]:
+def head_activations(bridge, tokens: TokenIds, inputs: PatchInputs, layers: Sequence[int], what: str = "z") -> dict[int, Tensor]:
     """``hook_z`` [batch, pos, head, d_head] (or ``hook_pattern`` [batch, head, q, k]) of each layer."""
     if what not in PATCH_TARGETS:
         raise CtdInputError(f"patch target {what!r}: use one of {sorted(PATCH_TARGETS)}")
@@ -323,7 +324,7 @@ def _output_projections(hf_model) -> list:
     return [layer.self_attn.o_proj for layer in layers]
 
 
-def patched_generate(hf_model, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"], source: dict[int, Tensor], heads: dict[int, Bool[Tensor, "head"]], positions: Bool[Tensor, "batch pos"], max_new_tokens: int, pad_id: int, eos_ids: Sequence[int]) -> list[list[int]]:
+def patched_generate(hf_model, tokens: TokenIds, attention_mask: AttentionMask, source: dict[int, Tensor], heads: dict[int, Bool[Tensor, "head"]], positions: Bool[Tensor, "batch pos"], max_new_tokens: int, pad_id: int, eos_ids: Sequence[int]) -> list[list[int]]:
     """Greedy continuation of a left-padded prefix with chosen heads' ``z`` patched at chosen
     prefix positions (Hugging Face ``generate`` with its KV cache: the decoding steps run unpatched
     and read the patched prefix). ``source[layer]``: [batch, pos, head, d_head], aligned with ``tokens``."""

@@ -9,19 +9,22 @@ __all__ = [
     "TokenIds",
     "AttentionMask",
     "Logits",
-    "Resid",
-    "HeadZ",
     "Pattern",
-    "HeadWrite",
-    "PerHeadQuery",
+    "KeyMask",
+    "QueryResid",
+    "QueryHead",
+    "QueryHeadWrite",
+    "QueryVocab",
 ]
 
+# a batch of sequences
 TokenIds = Int[Tensor, "batch pos"]
 AttentionMask = Int[Tensor, "batch pos"]
 Logits = Float[Tensor, "batch pos vocab"]
-Resid = Float[Tensor, "batch pos d_model"]
-HeadZ = Float[Tensor, "batch pos head d_head"]
 Pattern = Float[Tensor, "batch head query key"]
-HeadWrite = Float[Tensor, "batch pos head d_model"]
-PerHeadQuery = Float[Tensor, "batch head query"]
 KeyMask = Bool[Tensor, "batch key"]
+# the queries (CoT positions) of one trace
+QueryResid = Float[Tensor, "query d_model"]
+QueryHead = Float[Tensor, "query head"]
+QueryHeadWrite = Float[Tensor, "query head d_model"]
+QueryVocab = Float[Tensor, "query vocab"]

@@ -78,14 +78,14 @@ class LabelSpace:
             object.__setattr__(self, "parents", [None] * n)
         for name, column in [("texts", self.texts), ("aliases", self.aliases), ("parents", self.parents)]:
             if len(column) != n:
-                raise ValueError(f"LabelSpace {self.name!r}: {name} has {len(column)} entries, codes {n}")
+                raise input_error(f"label space {self.name}", f"{name} has {len(column)} entries for {n} codes", "give one entry per code")
         for name, column in self.extra.items():
             if len(column) != n:
-                raise ValueError(f"LabelSpace {self.name!r}: extra column {name!r} has {len(column)} entries")
+                raise input_error(f"label space {self.name}", f"extra column {name!r} has {len(column)} entries for {n} codes", "give one entry per code")
         if len(set(self.codes)) != n:
             seen: set[str] = set()
             dup = next(c for c in self.codes if c in seen or seen.add(c))
-            raise ValueError(f"LabelSpace {self.name!r}: code {dup!r} appears twice")
+            raise input_error(f"label space {self.name}", f"code {dup!r} appears twice", "make the codes unique")
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -123,10 +123,6 @@ class LabelSpace:
         if parent is None:
             return []
         return [j for j in self._children[parent] if j != label_id]
-
-    def all_texts(self, label_id: int) -> list[str]:
-        """The label's description followed by its aliases (inclusion terms, synonyms)."""
-        return [self.texts[label_id], *self.aliases[label_id]]
 
     def subset(self, label_ids, name: str | None = None) -> "LabelSpace":
         """A new space with the given labels, renumbered 0..n-1 in the given order."""

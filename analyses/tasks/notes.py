@@ -10,15 +10,16 @@ and, for each gold code, the words that separate it from its closest near-miss.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 from sklearn.feature_extraction.text import TfidfVectorizer
 
+from probes.errors import input_error
 from analyses.tasks.labels import LabelSpace, lower_first, normalize_text, text_variants as _variants
 
-__all__ = ["NoteGenerator", "NoteConfig", "generate_notes"]
+__all__ = ["NoteGenerator", "NoteConfig"]
 
 
 _GOLD_TEMPLATES = (
@@ -59,7 +60,7 @@ class NoteGenerator:
 
     def __init__(self, labels: LabelSpace, config: NoteConfig = NoteConfig()):
         if len(labels) < 2:
-            raise ValueError("the note generator needs a label space of at least 2 labels")
+            raise input_error(f"label space {labels.name}", "the note generator needs at least 2 labels", "choose a larger label space")
         self.labels = labels
         self.config = config
         norm_texts = [normalize_text(t) for t in labels.texts]
@@ -200,7 +201,7 @@ class NoteGenerator:
         while len(rows) < n_docs:
             attempts += 1
             if attempts > 20 * n_docs + 100:
-                raise ValueError(f"could only make {len(rows)} distinct notes from {len(self.labels)} labels")
+                raise input_error(f"label space {self.labels.name}", f"could only make {len(rows)} distinct notes from {len(self.labels)} labels", "ask for fewer notes or a larger label space")
             note = self.note(rng)
             if note["text"] in seen:  # splits must share no note: keep texts distinct
                 continue
@@ -217,12 +218,3 @@ class NoteGenerator:
         split[order[cuts[1] :]] = "test"
         frame.insert(1, "split", split)
         return frame
-
-
-def generate_notes(labels: LabelSpace, config: NoteConfig = NoteConfig()) -> pd.DataFrame:
-    """Convenience: ``NoteGenerator(labels, config).generate()``."""
-    return NoteGenerator(labels, config).generate()
-
-
-def config_dict(config: NoteConfig) -> dict:
-    return asdict(config)

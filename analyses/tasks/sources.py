@@ -50,10 +50,10 @@ class Dataset:
     def __post_init__(self):
         missing = [c for c in ("doc_id", "split", "text", "gold") if c not in self.docs.columns]
         if missing:
-            raise ValueError(f"Dataset {self.name}: docs lack columns {missing}")
+            raise input_error(f"dataset {self.name}", f"documents lack column(s) {missing}", "give every document doc_id, split, text and gold")
         bad = set(self.docs["split"]) - set(SPLITS)
         if bad:
-            raise ValueError(f"Dataset {self.name}: unknown split(s) {sorted(bad)}; use {SPLITS}")
+            raise input_error(f"dataset {self.name}", f"unknown split(s) {sorted(bad)}", f"use {SPLITS}")
 
     def split(self, name: str) -> pd.DataFrame:
         return self.docs[self.docs["split"] == name].reset_index(drop=True)
