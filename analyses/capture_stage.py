@@ -90,6 +90,10 @@ def capture_run(
     settings = {"model": str(model_path), "positions": positions}
     if rank_and_world()[0] != 0:  # torchrun: rank 0 records the stage once every rank's share is merged
         return capture(bridge, requests, run_dir, config, settings=settings, progress=False)
+    if getattr(bridge, "ctd_info", None) is not None:  # what was loaded: family, architecture, sizes
+        from dataclasses import asdict
+
+        manifest.update(model={**manifest.data.get("model", {}), **asdict(bridge.ctd_info)})
     with manifest.stage("capture", config=stage_config) as record:
         root = capture(bridge, requests, run_dir, config, settings=settings, progress=progress)
         record["outputs"] = ["activations/"]
