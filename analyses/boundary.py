@@ -23,95 +23,14 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
-from plotly.subplots import make_subplots
 
-from analyses.figures import ESTIMATOR_COLOURS, themed
 from analyses.parsing import Region
-from analyses.results import FrameResult
-from analyses.tasks.metrics import bootstrap_ci
+from analyses.results.boundary import Boundary
+from analyses.settings import InternalSettings
 from probes.errors import input_error
 from probes.points import hook_name, reduction_name
 
-__all__ = ["Boundary", "ESTIMATORS", "register_estimator", "change_point", "internal_signal", "behavioural_signal", "estimate_boundaries", "fit_constant_share", "tune_internal", "InternalSettings", "SMOOTHING_GRID"]
-
-
-class Boundary(FrameResult):
-    """``frame`` columns: doc_id, estimator, tau_token, tau_norm, true_token, abs_error_tokens, cot_length."""
-
-    REQUIRED = ("doc_id", "estimator", "tau_token", "tau_norm", "true_token", "abs_error_tokens")
-
-    def medians(self) -> dict[str, float]:
-        return self.frame.groupby("estimator")["tau_norm"].median().to_dict()
-
-    def error_fractions(self) -> pd.DataFrame:
-        """Per trace and estimator: absolute error as a fraction of the CoT (traces with a known boundary)."""
-        f = self.frame.dropna(subset=["abs_error_tokens"])
-        return f.assign(frac=f["abs_error_tokens"].astype(float) / f["cot_length"].clip(lower=1))
-
-    def errors(self, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-        """Median absolute error per estimator (tokens and fraction of the CoT) with a bootstrap
-        95% CI over traces of the median fraction."""
-        f = self.error_fractions()
-        columns = ["estimator", "median_abs_error_tokens", "median_abs_error_frac", "ci_low", "ci_high", "n"]
-        if f.empty:
-            return pd.DataFrame(columns=columns)
-        rows = []
-        for estimator, g in f.groupby("estimator", sort=False):
-            frac = g["frac"].to_numpy(float)
-            _, lo, hi = bootstrap_ci(lambda idx: float(np.median(frac[idx])), n=len(frac), n_boot=n_boot, seed=seed)
-            rows.append((estimator, float(g["abs_error_tokens"].median()), float(np.median(frac)), lo, hi, len(g)))
-        return pd.DataFrame(rows, columns=columns)
-
-    def ratio(self, estimator: str, baseline: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-        """Median error of ``estimator`` over that of ``baseline``, paired by trace: (ratio, CI low,
-        CI high); resamples where the baseline's median is 0 (ratio undefined) are left out."""
-        f = self.error_fractions().pivot_table(index="doc_id", columns="estimator", values="frac")
-        if estimator not in f or baseline not in f:
-            return (float("nan"),) * 3
-        pair = f[[estimator, baseline]].dropna().to_numpy(float)
-
-        def statistic(idx):
-            base = np.median(pair[idx, 1])
-            return float(np.median(pair[idx, 0]) / base) if base > 0 else float("nan")
-
-        rng = np.random.default_rng(seed)
-        draws = np.array([statistic(rng.integers(0, len(pair), len(pair))) for _ in range(n_boot)])
-        draws = draws[np.isfinite(draws)]
-        if not len(draws):
-            return (statistic(np.arange(len(pair))), float("nan"), float("nan"))
-        return (statistic(np.arange(len(pair))), float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975)))
-
-    def figure(self) -> go.Figure:
-        """Median error per estimator with its CI, beside the per-trace errors (or τ when no truth is known)."""
-        has_truth = self.frame["abs_error_tokens"].notna().any()
-        if not has_truth:
-            fig = go.Figure()
-            for estimator, group in self.frame.groupby("estimator", sort=False):
-                fig.add_trace(go.Histogram(x=group["tau_norm"], name=estimator, opacity=0.6, marker_color=ESTIMATOR_COLOURS.get(estimator), xbins=dict(size=0.025)))
-            fig.update_layout(barmode="overlay")
-            return themed(fig, "Estimated phase boundary per trace (no true boundary known)", "τ (normalised CoT position)", "traces (count)")
-        errors = self.errors(n_boot=int(self.meta.get("n_boot", 1000)))
-        fig = make_subplots(rows=1, cols=2, column_widths=[0.4, 0.6], subplot_titles=("median |error| (95% CI over traces)", "signed error per trace"))
-        fig.add_trace(
-            go.Bar(
-                x=errors["estimator"], y=errors["median_abs_error_frac"], marker_color=[ESTIMATOR_COLOURS.get(e, "#777") for e in errors["estimator"]],
-                error_y=dict(type="data", symmetric=False, array=errors["ci_high"] - errors["median_abs_error_frac"], arrayminus=errors["median_abs_error_frac"] - errors["ci_low"]),
-                showlegend=False,
-            ),
-            row=1, col=1,
-        )
-        for estimator, group in self.frame.groupby("estimator", sort=False):
-            values = (group["tau_token"] - group["true_token"]).astype(float) / group["cot_length"].clip(lower=1)
-            fig.add_trace(go.Histogram(x=values, name=estimator, opacity=0.6, marker_color=ESTIMATOR_COLOURS.get(estimator), xbins=dict(size=0.025)), row=1, col=2)
-        fig.update_layout(barmode="overlay", width=1000)
-        fig = themed(fig, f"Phase-boundary error per estimator (n={errors['n'].max()} traces)", "estimator | estimated − true boundary (fraction of CoT)", "fraction of CoT | traces (count)")
-        fig.update_xaxes(title_text="estimator", row=1, col=1)
-        fig.update_xaxes(title_text="estimated − true boundary (fraction of CoT length)", row=1, col=2)
-        fig.update_yaxes(title_text="median |error| (fraction of CoT)", row=1, col=1)
-        fig.update_yaxes(title_text="traces (count)", row=1, col=2)
-        return fig
-
+__all__ = ["Boundary", "ESTIMATORS", "register_estimator", "change_point", "internal_signal", "behavioural_signal", "estimate_boundaries", "fit_constant_share", "tune_internal", "InternalSettings", "SMOOTHING_GRID", "attention_features", "fit_phase_probe", "PhaseProbe"]
 
 
 def change_point(signal: np.ndarray, min_size: int = 3, smooth: int = 1) -> int:
@@ -238,26 +157,70 @@ def _constant(trace, constant_share=None, **_) -> int | None:
     return int(round(constant_share * T))
 
 
-@dataclass(frozen=True)
-class InternalSettings:
-    """The internal estimator's free choices, made on dev traces by :func:`tune_internal`.
-
-    ``channels``: see :func:`internal_signal`. ``smoothing``: moving-average window as a fraction
-    of the CoT length (it damps the token-by-token swing of each line and keeps the slower phase
-    change). The defaults are what ``ctd characterize --tune-boundary`` selects on the default
-    run's 100 dev traces (BENCHMARKS.md shows the whole grid).
-    """
-
-    channels: str = "regions"
-    smoothing: float = 0.15
-
-
 SMOOTHING_GRID = (0.0, 0.02, 0.05, 0.08, 0.1, 0.15, 0.2, 0.3)
+PROBE_C_GRID = (0.01, 0.1, 1.0)
+# Key regions the probe reads, merged so that no channel depends on which labels are gold:
+# the prompt scaffolding, the document (its anchors included), the CoT's own tokens, its label mentions.
+_FEATURE_REGIONS = ((int(Region.PROMPT),), (int(Region.DOCUMENT), int(Region.ANCHOR)), (int(Region.COT),), (int(Region.MENTION_GOLD), int(Region.MENTION_NEAR_MISS), int(Region.MENTION_OTHER)))
+
+
+def attention_features(store, doc_id: str, cot_start: int, cot_end: int, layers: list[int]) -> np.ndarray:
+    """[T, layers x heads x 5] per CoT token: each head's attention mass to the prompt, the
+    document, the CoT and its label mentions, and log(1 + kurtosis) over the document."""
+    columns = []
+    for layer in layers:
+        pos, mass = store.read(doc_id, reduction_name("region_mass", layer))
+        _, kurt = store.read(doc_id, reduction_name("doc_kurtosis", layer))
+        keep = ((pos >= cot_start) & (pos < cot_end)).numpy()
+        m = mass.numpy()[keep]
+        columns += [m[:, :, list(group)].sum(-1) for group in _FEATURE_REGIONS]
+        columns.append(np.log1p(kurt.numpy()[keep]))
+    return np.concatenate(columns, axis=1)
+
+
+@dataclass
+class PhaseProbe:
+    """A logistic phase probe on attention statistics: P(phase 2) per CoT token."""
+
+    scaler: object
+    model: object
+    layers: list[int]
+    n_traces: int
+
+    def signal(self, store, doc_id: str, cot_start: int, cot_end: int) -> np.ndarray:
+        x = attention_features(store, doc_id, cot_start, cot_end, self.layers)
+        return self.model.predict_proba(self.scaler.transform(x))[:, 1:]
+
+
+def fit_phase_probe(traces: pd.DataFrame, store, layers: list[int], C: float = 0.1) -> PhaseProbe | None:
+    """The internal estimator's probe, fitted on ``traces`` with a known boundary (dev traces);
+    None when there are none (then the unsupervised channels are used)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    known = traces.dropna(subset=["true_boundary"])
+    if known.empty:
+        return None
+    xs, ys = [], []
+    for t in known.itertuples(index=False):
+        cs, ce, tb = int(t.cot_start), int(t.cot_end), int(t.true_boundary)
+        xs.append(attention_features(store, str(t.doc_id), cs, ce, layers))
+        ys.append((np.arange(cs, ce) >= tb).astype(int))
+    x, y = np.concatenate(xs), np.concatenate(ys)
+    if len(np.unique(y)) < 2:
+        return None
+    scaler = StandardScaler().fit(x)
+    model = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(x), y)
+    return PhaseProbe(scaler, model, list(layers), len(known))
 
 
 @register_estimator("internal")
-def _internal(trace, store=None, layers=None, pca=None, min_size=3, internal=InternalSettings(), **_) -> int:
-    signal = internal_signal(store, str(trace.doc_id), int(trace.cot_start), int(trace.cot_end), layers, pca, internal.channels)
+def _internal(trace, store=None, layers=None, pca=None, min_size=3, internal=InternalSettings(), phase_probe=None, **_) -> int:
+    if internal.channels == "probe" and phase_probe is not None:
+        signal = phase_probe.signal(store, str(trace.doc_id), int(trace.cot_start), int(trace.cot_end))
+    else:
+        channels = "regions" if internal.channels == "probe" else internal.channels
+        signal = internal_signal(store, str(trace.doc_id), int(trace.cot_start), int(trace.cot_end), layers, pca, channels)
     smooth = max(1, int(round(internal.smoothing * len(signal))))
     return change_point(signal, min_size=min_size, smooth=smooth)
 
@@ -308,40 +271,58 @@ def estimate_boundaries(traces: pd.DataFrame, estimators=("fixed", "constant", "
     frame["true_token"] = frame["true_token"].astype("Int64")
     frame["abs_error_tokens"] = frame["abs_error_tokens"].astype("Float64")
     internal = context.get("internal", InternalSettings())
+    probe = context.get("phase_probe")
+    used = internal.channels if internal.channels != "probe" or probe is not None else "regions (no dev traces with a known boundary to fit the probe on)"
     meta = {
         "estimators": [e for e in estimators if e not in skipped],
         "not_run": skipped,
         "change_point": "exact least-squares single break on standardised channels (equal to ruptures Dynp, l2 cost, 1 break; parity-tested)",
-        "internal": {"channels": internal.channels, "smoothing_fraction_of_cot": internal.smoothing},
+        "internal": {"channels": used, "smoothing_fraction_of_cot": internal.smoothing, "C": internal.C},
     }
+    if probe is not None and internal.channels == "probe":
+        meta["internal"]["probe"] = f"logistic regression (C={internal.C}) on each head's attention mass to prompt, document, CoT and label mentions and its document kurtosis, {len(probe.layers)} layers; fitted on {probe.n_traces} dev traces; the estimated trace's truth, text and tokens are never read"
     if context.get("constant_share") is not None:
         meta["constant_share"] = context["constant_share"]
     return Boundary(frame, meta)
 
 
-def tune_internal(traces: pd.DataFrame, store, layers: list[int], pca=None, channels=INTERNAL_CHANNELS, smoothing=SMOOTHING_GRID, min_size: int = 3, progress: bool = True) -> pd.DataFrame:
-    """Score every (channels, smoothing) choice of the internal estimator on ``traces`` (dev traces
-    with a known boundary): one row per choice with its median absolute error (fraction of the CoT),
-    sorted best first. The estimator still sees no truth: the truth only scores the choices."""
+def tune_internal(traces: pd.DataFrame, store, layers: list[int], pca=None, channels=("probe",) + INTERNAL_CHANNELS, smoothing=SMOOTHING_GRID, C_grid=PROBE_C_GRID, folds: int = 5, min_size: int = 3, progress: bool = True, seed: int = 0) -> pd.DataFrame:
+    """Score every choice of the internal estimator on ``traces`` (dev traces with a known
+    boundary): one row per choice with its median absolute error (fraction of the CoT), best first.
+
+    The unsupervised channels see no truth; the probe is cross-fitted: each dev trace is scored by
+    a probe fitted on the other folds of the dev traces, never on itself.
+    """
     from tqdm.auto import tqdm
 
-    known = traces.dropna(subset=["true_boundary"])
+    known = traces.dropna(subset=["true_boundary"]).reset_index(drop=True)
     if known.empty:
         raise input_error(None, "no dev trace has a known boundary", "tune on traces of the embedded task (the generator records the boundary)")
+    fold_of = np.random.default_rng(seed).permutation(len(known)) % max(2, min(folds, len(known)))
+    signals: dict[tuple, np.ndarray] = {}
+    for c in channels:
+        for C in (C_grid if c == "probe" else (None,)):
+            if c == "probe":
+                for f in np.unique(fold_of):
+                    probe = fit_phase_probe(known[fold_of != f], store, layers, C)
+                    for i in np.flatnonzero(fold_of == f):
+                        t = known.iloc[i]
+                        signals[(c, C, i)] = probe.signal(store, str(t.doc_id), int(t.cot_start), int(t.cot_end))
+            else:
+                for i, t in enumerate(known.itertuples(index=False)):
+                    signals[(c, C, i)] = internal_signal(store, str(t.doc_id), int(t.cot_start), int(t.cot_end), layers, pca, c)
     rows = []
-    choices = [(c, s) for c in channels for s in smoothing]
-    signals: dict[tuple[str, str], np.ndarray] = {}
-    for c, s in tqdm(choices, desc="tune boundary", disable=not progress, file=sys.stderr):
-        errors = []
-        for trace in known.itertuples(index=False):
-            key = (str(trace.doc_id), c)
-            if key not in signals:
-                signals[key] = internal_signal(store, str(trace.doc_id), int(trace.cot_start), int(trace.cot_end), layers, pca, c)
-            signal = signals[key]
-            offset = change_point(signal, min_size=min_size, smooth=max(1, int(round(s * len(signal)))))
-            T = max(int(trace.cot_end) - int(trace.cot_start), 1)
-            errors.append(abs(int(trace.cot_start) + offset - int(trace.true_boundary)) / T)
-        rows.append({"channels": c, "smoothing": s, "median_abs_error_frac": float(np.median(errors)), "mean_abs_error_frac": float(np.mean(errors)), "n": len(errors)})
+    choices = sorted({(c, C) for c, C, _ in signals}, key=lambda x: (x[0], -1 if x[1] is None else x[1]))
+    for c, C in tqdm(choices, desc="tune boundary", disable=not progress, file=sys.stderr):
+        for sm in smoothing:
+            errors = []
+            for i, t in enumerate(known.itertuples(index=False)):
+                signal = signals[(c, C, i)]
+                offset = change_point(signal, min_size=min_size, smooth=max(1, int(round(sm * len(signal)))))
+                T = max(int(t.cot_end) - int(t.cot_start), 1)
+                errors.append(abs(int(t.cot_start) + offset - int(t.true_boundary)) / T)
+            rows.append({"channels": c, "C": np.nan if C is None else C, "smoothing": sm, "median_abs_error_frac": float(np.median(errors)), "mean_abs_error_frac": float(np.mean(errors)), "n": len(errors)})
     frame = pd.DataFrame(rows).sort_values(["median_abs_error_frac", "mean_abs_error_frac", "smoothing"], kind="stable").reset_index(drop=True)
     frame["rank"] = np.arange(1, len(frame) + 1)
+    frame.attrs["cross_fitted"] = f"probe: {int(fold_of.max()) + 1}-fold cross-fitting over the dev traces"
     return frame

@@ -8,14 +8,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analyses.io import Manifest, read_parquet
+from analyses.io import read_parquet
+from analyses.settings import CaptureSettings
 from analyses.parsing import Region
 from probes.capture import CaptureConfig, CaptureRequest, capture
 from probes.distributed import rank_and_world
 from probes.errors import input_error
 from probes.points import resolve_points
 
-__all__ = ["capture_run", "capture_requests", "POSITION_SETS"]
+__all__ = ["capture_traces", "capture_requests", "POSITION_SETS"]
 
 POSITION_SETS = ("output", "cot", "mentions", "all")
 _DOCUMENT_REGIONS = (int(Region.DOCUMENT), int(Region.ANCHOR))
@@ -55,49 +56,39 @@ def capture_requests(traces: pd.DataFrame, positions: str = "output", path: Path
     return requests
 
 
-def capture_run(
-    run_dir: str | Path,
-    points: list[str] | None = None,
-    attention_layers: str | list[int] = "all",
-    positions: str = "output",
-    batch_size: int = 8,
-    dtype: str = "float16",
-    padding: str = "left",
-    progress: bool = True,
-    model=None,
-    manifest: Manifest | None = None,
-    device_map: str | None = None,
-) -> Path:
-    """Capture the run's traces (``traces.parquet`` and, when present, ``dev_traces.parquet``) with
-    the run's model into one store; resumable (finished shards are kept)."""
+def capture_traces(run_dir: str | Path, model_path: str | Path, settings: CaptureSettings = CaptureSettings(), progress: bool = True, model=None, record: dict | None = None) -> Path:
+    """Replay the run's traces (``traces.parquet`` and, when present, ``dev_traces.parquet``) with
+    ``model_path``'s model into one store; resumable (finished shards are kept). Writes no manifest.
+
+    Args:
+        settings: :class:`~analyses.settings.CaptureSettings` (points, positions, attention layers, ...).
+        model: a loaded bridge to reuse (else it is loaded, with ``settings.device_map``).
+        record: counts and the loaded model's description are added here for the stage record.
+    """
     from probes.models import load_model
 
     run_dir = Path(run_dir)
-    manifest = Manifest.for_stage(run_dir, manifest)
-    model_path = manifest.model_path()
+    record = {} if record is None else record
     columns = ("doc_id", "prompt_ids", "output_ids", "regions", "cot_start", "cot_end")
     traces = read_parquet(run_dir / "traces.parquet", required=columns)
     dev_path = run_dir / "dev_traces.parquet"
     if dev_path.exists():  # dev traces share the store (their doc ids differ): tuning and dev head rankings read them
         traces = pd.concat([traces, read_parquet(dev_path, required=columns)], ignore_index=True)
-    bridge = model if model is not None else load_model(model_path, device_map=device_map)
+    bridge = model if model is not None else load_model(model_path, device_map=settings.device_map)
     n_layers = bridge.cfg.n_layers
-    hook_names = resolve_points(points, n_layers)
-    layers = list(range(n_layers)) if attention_layers == "all" else [] if attention_layers == "none" else list(attention_layers)
-    config = CaptureConfig(points=hook_names, attention_layers=layers, n_regions=len(Region), batch_size=batch_size, padding=padding, dtype=dtype)
-    stage_config = {"points": hook_names, "attention_layers": layers, "positions": positions, "batch_size": batch_size, "dtype": dtype, "padding": padding}
-    requests = capture_requests(traces, positions, run_dir / "traces.parquet")
-    settings = {"model": str(model_path), "positions": positions}
-    if rank_and_world()[0] != 0:  # torchrun: rank 0 records the stage once every rank's share is merged
-        return capture(bridge, requests, run_dir, config, settings=settings, progress=False)
+    hook_names = resolve_points(list(settings.points) or None, n_layers)
+    layers = settings.attention_layers
+    layers = list(range(n_layers)) if layers == "all" else [] if layers == "none" else [int(x) for x in layers]
+    config = CaptureConfig(points=hook_names, attention_layers=layers, n_regions=len(Region), batch_size=settings.batch_size, padding=settings.padding, dtype=settings.dtype)
+    requests = capture_requests(traces, settings.positions, run_dir / "traces.parquet")
+    identity = {"model": str(model_path), "positions": settings.positions}
+    root = capture(bridge, requests, run_dir, config, settings=identity, progress=progress and rank_and_world()[0] == 0)
     if getattr(bridge, "ctd_info", None) is not None:  # what was loaded: family, architecture, sizes
         from dataclasses import asdict
 
-        manifest.update(model={**manifest.data.get("model", {}), **asdict(bridge.ctd_info)})
-    with manifest.stage("capture", config=stage_config) as record:
-        root = capture(bridge, requests, run_dir, config, settings=settings, progress=progress)
-        record["outputs"] = ["activations/"]
-        record["counts"] = {"traces": len(requests), "tokens": int(sum(len(r.positions) for r in requests))}
-        record["processes"] = rank_and_world()[1]
-    print(f"[capture] {len(requests)} traces, {sum(len(r.positions) for r in requests):,} tokens -> {root}", file=sys.stderr)
+        record["model_info"] = asdict(bridge.ctd_info)
+    record["counts"] = {"traces": len(requests), "tokens": int(sum(len(r.positions) for r in requests))}
+    record["processes"] = rank_and_world()[1]
+    if rank_and_world()[0] == 0:
+        print(f"[capture] {len(requests)} traces, {sum(len(r.positions) for r in requests):,} tokens -> {root}", file=sys.stderr)
     return root

@@ -8,22 +8,20 @@ files. Every choice the definitions leave open is written into each result's met
 from __future__ import annotations
 
 import json
-import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
-import torch
-from plotly.subplots import make_subplots
 
-from analyses.boundary import Boundary, InternalSettings, estimate_boundaries, fit_constant_share, tune_internal
-from analyses.dynamics import GRID, Dynamics, compute_dynamics
-from analyses.figures import PALETTE, themed
-from analyses.io import Manifest, read_parquet
+from analyses.boundary import estimate_boundaries, fit_constant_share, fit_phase_probe, tune_internal
+from analyses.dynamics import GRID, compute_dynamics
+from analyses.io import read_parquet
+from analyses.settings import CharacterizeSettings
 from analyses.parsing import Region
-from analyses.results import FrameResult
+from analyses.results.base import FrameResult
+from analyses.results.characterize import Attribution, HeadScores, LensResult, ProbeResults
 from analyses.tasks.metrics import bootstrap_ci
 from analyses.tasks.sources import Dataset
 from probes.errors import input_error
@@ -33,7 +31,7 @@ from probes.linear import ProbeProblem, fit_probe_bank, split_by_document
 from probes.points import hook_name, reduction_name
 from probes.store import open_store
 
-__all__ = ["HeadScores", "Attribution", "ProbeResults", "LensResult", "characterize_run", "tune_boundary_run", "compute_probes", "probe_examples", "token_identity_predict", "control_labels", "PROBE_TARGETS"]
+__all__ = ["HeadScores", "Attribution", "ProbeResults", "LensResult", "characterize", "tune_boundary_run", "compute_probes", "probe_examples", "token_identity_predict", "control_labels", "PROBE_TARGETS"]
 
 N_TIME_BINS = 10
 REGION_NAMES = {int(r): r.name.lower() for r in Region}
@@ -41,125 +39,6 @@ REGION_NAMES = {int(r): r.name.lower() for r in Region}
 
 # ------------------------------------------------------------------------------------------------
 # result types
-
-
-class HeadScores(FrameResult):
-    """``layer``, ``head``, ``score`` (coarse/refine), ``value``, ``ci_low``, ``ci_high``, ``rank`` (1 = top)."""
-
-    REQUIRED = ("layer", "head", "score", "value", "ci_low", "ci_high", "rank")
-
-    def top(self, score: str, k: int = 5) -> pd.DataFrame:
-        return self.frame[self.frame["score"] == score].nsmallest(k, "rank")
-
-    def figure(self, k: int = 15) -> go.Figure:
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("CoarseScore (phase 1: shortlisting)", "RefineScore (phase 2: fine-grained)"))
-        for col, (score, colour) in enumerate((("coarse", PALETTE[0]), ("refine", PALETTE[3])), start=1):
-            top = self.top(score, k).iloc[::-1]
-            labels = [f"L{int(l)}H{int(h)}" for l, h in zip(top["layer"], top["head"])]
-            fig.add_trace(
-                go.Bar(
-                    x=top["value"], y=labels, orientation="h", marker_color=colour, name=score,
-                    error_x=dict(type="data", symmetric=False, array=top["ci_high"] - top["value"], arrayminus=top["value"] - top["ci_low"]),
-                ),
-                row=1, col=col,
-            )
-        fig = themed(fig, f"Top {k} heads per phase score (bootstrap 95% CI over traces)", "score (kurtosis·cos, mass difference·cos)", "head")
-        fig.update_layout(showlegend=False, height=560, width=1000)
-        fig.update_xaxes(title_text="CoarseScore (κ · cos to anchor direction)", row=1, col=1)
-        fig.update_xaxes(title_text="RefineScore (Δmass · cos to ∇margin)", row=1, col=2)
-        return fig
-
-
-class Attribution(FrameResult):
-    """``layer``, ``head``, ``t`` (bin centre), ``measure`` (mass, value_mass, kurtosis), ``region``, ``value``."""
-
-    REQUIRED = ("layer", "head", "t", "measure", "region", "value")
-
-    def kurtosis_figure(self) -> go.Figure:
-        k = self.frame[self.frame["measure"] == "kurtosis"]
-        table = k.pivot_table(index=["layer", "head"], columns="t", values="value")
-        labels = [f"L{l}H{h}" for l, h in table.index]
-        fig = go.Figure(go.Heatmap(z=table.values, x=[f"{t:.2f}" for t in table.columns], y=labels, colorscale="Viridis", colorbar=dict(title="κ")))
-        fig = themed(fig, "Attention kurtosis over document keys (normal = 3)", "normalised CoT position t (bin centre)", "head (layer, head)")
-        fig.update_layout(height=max(420, 12 * len(labels)))
-        return fig
-
-    def figure(self, measure: str = "mass") -> go.Figure:
-        """Attention to regions over normalised CoT position, averaged over heads and layers."""
-        f = self.frame[(self.frame["measure"] == measure) & (self.frame["region"] != "")]
-        mean = f.groupby(["region", "t"])["value"].mean().reset_index()
-        fig = go.Figure()
-        for i, (region, group) in enumerate(mean.groupby("region")):
-            fig.add_trace(go.Scatter(x=group["t"], y=group["value"], mode="lines+markers", name=region.replace("_", " "), line=dict(color=PALETTE[i % len(PALETTE)])))
-        what = "attention mass" if measure == "mass" else "value-weighted mass ‖α·v·W_O‖"
-        return themed(fig, f"Where heads attend across the CoT ({what}, mean over heads)", "normalised CoT position t (bin centre)", f"{what} (per query)")
-
-
-class ProbeResults(FrameResult):
-    """One row per (``target``, ``layer``, ``bucket``) cell: ``value`` (probe accuracy on test
-    documents) with ``ci_low``/``ci_high``, ``control_value`` (Hewitt & Liang control task),
-    ``majority``, ``token_baseline`` (current + previous token identity), ``minus_tokens`` (probe
-    minus token identity, with its CI), ``selectivity`` (probe minus control task) and ``status``
-    (``fitted``, or why the cell could not be fitted: such cells are kept, never dropped)."""
-
-    REQUIRED = ("target", "layer", "bucket", "metric", "value", "control_value", "ci_low", "ci_high")
-
-    def beats_tokens(self) -> pd.DataFrame:
-        """Per target: fitted cells, and cells where the probe beats token identity (CI above 0)."""
-        f = self.frame
-        fitted = f[f.get("status", "fitted") == "fitted"]
-        out = fitted.groupby("target").agg(cells=("value", "size"), beats_tokens=("beats_tokens", "sum"), best_minus_tokens=("minus_tokens", "max"))
-        out["not_fitted"] = f[f.get("status", "fitted") != "fitted"].groupby("target").size().reindex(out.index).fillna(0).astype(int)
-        return out.reset_index()
-
-    def figure(self, target: str | None = None) -> go.Figure:
-        """Per target: probe accuracy (cells annotated with the token-identity and control-task
-        accuracies) and probe minus token identity (annotated with its CI; * where the CI is above 0)."""
-        f = self.frame[self.frame["metric"] == "accuracy"]
-        targets = [target] if target else list(dict.fromkeys(f["target"]))
-        fig = make_subplots(rows=2, cols=len(targets), subplot_titles=[f"{t}: probe accuracy" for t in targets] + [f"{t}: probe − token identity" for t in targets], vertical_spacing=0.2, horizontal_spacing=0.06)
-        for c, t in enumerate(targets, start=1):
-            g = f[f["target"] == t].sort_values(["layer", "bucket"])
-            layers = sorted(g["layer"].unique())
-            names = list(dict.fromkeys(g.sort_values("bucket")["bucket_name"])) if "bucket_name" in g else sorted(g["bucket"].unique())
-            acc = g.pivot_table(index="layer", columns="bucket", values="value", dropna=False).reindex(index=layers)
-            diff = g.pivot_table(index="layer", columns="bucket", values="minus_tokens", dropna=False).reindex(index=layers) if "minus_tokens" in g else acc * np.nan
-            text_acc, text_diff = [], []
-            for layer in layers:
-                row_acc, row_diff = [], []
-                for cell in g[g["layer"] == layer].sort_values("bucket").itertuples():
-                    if getattr(cell, "status", "fitted") != "fitted":
-                        row_acc.append("n/f")
-                        row_diff.append(str(cell.status).replace("not fitted: ", "n/f: "))
-                        continue
-                    row_acc.append(f"{cell.value:.2f}<br>tok {cell.token_baseline:.2f} · ctl {cell.control_value:.2f}")
-                    star = "*" if cell.beats_tokens else ""
-                    row_diff.append(f"{cell.minus_tokens:+.2f}{star}<br>[{cell.minus_tokens_ci_low:+.2f}, {cell.minus_tokens_ci_high:+.2f}]")
-                text_acc.append(row_acc)
-                text_diff.append(row_diff)
-            ylabels = [f"L{l}" for l in layers]
-            fig.add_trace(go.Heatmap(z=acc.values, x=names, y=ylabels, text=text_acc, texttemplate="%{text}", textfont=dict(size=9), zmin=0.5, zmax=1.0, coloraxis="coloraxis"), row=1, col=c)
-            fig.add_trace(go.Heatmap(z=diff.values, x=names, y=ylabels, text=text_diff, texttemplate="%{text}", textfont=dict(size=9), zmin=-0.3, zmax=0.3, coloraxis="coloraxis2"), row=2, col=c)
-        fig = themed(fig, "Linear probes on the residual stream beside their baselines (test documents; * = probe beats token identity, 95% CI)", "bucket (phase: distance to the boundary within the phase; others: CoT position)", "layer")
-        fig.update_xaxes(type="category", tickangle=30)
-        fig.update_layout(
-            coloraxis=dict(colorscale="Viridis", cmin=0.5, cmax=1.0, colorbar=dict(title="accuracy", y=0.78, len=0.42)),
-            coloraxis2=dict(colorscale="RdBu", cmin=-0.3, cmax=0.3, colorbar=dict(title="probe − tokens", y=0.22, len=0.42)),
-            width=max(800, 380 * len(targets)), height=760,
-        )
-        return fig
-
-
-class LensResult(FrameResult):
-    """``layer``, ``t``, ``metric`` (logprob, rank), ``value``, ``ci_low``, ``ci_high``."""
-
-    REQUIRED = ("layer", "t", "metric", "value", "ci_low", "ci_high")
-
-    def figure(self) -> go.Figure:
-        f = self.frame[self.frame["metric"] == "logprob"]
-        table = f.pivot_table(index="layer", columns="t", values="value")
-        fig = go.Figure(go.Heatmap(z=table.values, x=[f"{t:.2f}" for t in table.columns], y=[f"L{l}" for l in table.index], colorscale="Viridis", colorbar=dict(title="log p")))
-        return themed(fig, "Logit lens: log-probability of the answer labels' distinguishing tokens", "normalised CoT position t (bin centre)", "layer (residual stream read out)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -525,29 +404,29 @@ def _usable_traces(path: Path) -> pd.DataFrame:
     return traces[traces["cot_end"] - traces["cot_start"] >= 8].reset_index(drop=True)  # too short to split
 
 
-def characterize_run(
+def characterize(
     run_dir: str | Path,
-    n_boot: int = 1000,
-    seed: int = 0,
+    model_path: str | Path,
+    settings: CharacterizeSettings = CharacterizeSettings(),
     progress: bool = True,
     model=None,
-    manifest: Manifest | None = None,
-    internal: InternalSettings = InternalSettings(),
+    record: dict | None = None,
 ) -> dict[str, FrameResult]:
-    """Compute and write every characterisation result of a run; returns them by file stem.
+    """Every characterisation result of a run, by file stem (nothing is written here).
 
     Args:
         run_dir: a run with ``traces.parquet`` and its activation store (``dev_traces.parquet``,
-            when present, fits the ``constant`` boundary estimator).
-        n_boot: bootstrap draws for every CI.
-        internal: the internal boundary estimator's channels and smoothing (chosen on dev traces
+            when present, fits the ``constant`` boundary estimator and the internal one's probe).
+        settings: bootstrap draws, seed, and the internal estimator's choices (made on dev traces
             by ``ctd characterize --tune-boundary``).
+        model: a loaded bridge to reuse.
+        record: timings and boundary errors are added here for the stage record.
     """
     from probes.models import load_model
 
     run_dir = Path(run_dir)
-    manifest = Manifest.for_stage(run_dir, manifest)
-    model_path = manifest.model_path()
+    record = {} if record is None else record
+    n_boot, seed, internal = settings.n_boot, settings.seed, settings.internal
     dataset = Dataset.load(run_dir)
     traces = _usable_traces(run_dir / "traces.parquet")
     if traces.empty:
@@ -559,57 +438,53 @@ def characterize_run(
     n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
     timings: dict[str, float] = {}
     results: dict[str, FrameResult] = {}
-    settings = {"n_boot": n_boot, "seed": seed, "internal": {"channels": internal.channels, "smoothing": internal.smoothing}}
-    with manifest.stage("characterize", config=settings, seed=seed) as record:
-        t0 = time.perf_counter()
-        dynamics = compute_dynamics(traces, dataset.docs, dataset.labels, bridge.tokenizer, n_boot=n_boot, seed=seed, progress=progress)
-        timings["dynamics"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dynamics = compute_dynamics(traces, dataset.docs, dataset.labels, bridge.tokenizer, n_boot=n_boot, seed=seed, progress=progress)
+    timings["dynamics"] = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        per_trace = dynamics.frame.dropna(subset=["doc_id"])
-        dyn_rows = {doc: {m: g[g["metric"] == m].sort_values("t")["value"].to_numpy() for m in ("focus", "confusion")} for doc, g in per_trace.groupby("doc_id")}
-        pca = _final_layer_pca(store, traces, n_layers, bridge.cfg.d_model, seed)
-        boundary = estimate_boundaries(traces, dynamics_rows=dyn_rows, grid=GRID, store=store, layers=list(range(n_layers)), pca=pca, constant_share=constant_share, internal=internal, progress=progress)
-        boundary.meta["internal_channels"] = "per layer: mean over heads of the attention mass to the document, to the model's own output (CoT and its mentions) and to the prompt scaffolding (no text markers, no truth)"
-        boundary.meta["constant_fitted_on"] = f"{dev_path.name}: {len(_usable_traces(dev_path))} dev traces" if constant_share is not None else "not fitted: no dev traces with a known boundary"
-        boundary.meta["n_boot"] = n_boot
-        results["boundary"] = boundary
-        timings["boundary"] = time.perf_counter() - t0
-        internal_tau = boundary.frame[boundary.frame["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
-        truth = {str(t.doc_id): int(t.true_boundary) for t in traces.itertuples(index=False) if not pd.isna(t.true_boundary)}
-        phase_tau = {doc: truth.get(doc, internal_tau[doc]) for doc in internal_tau}
-        tau_source = "the true boundary (known for every trace)" if len(truth) == len(internal_tau) else "the true boundary where known, else the internal estimate"
-        lengths = {str(t.doc_id): (int(t.cot_start), max(int(t.cot_end) - int(t.cot_start), 1)) for t in traces.itertuples(index=False)}
-        results["dynamics"] = dynamics.with_phase_changes({d: (tau - lengths[d][0]) / lengths[d][1] for d, tau in phase_tau.items()}, source=tau_source, n_boot=n_boot, seed=seed)
+    t0 = time.perf_counter()
+    per_trace = dynamics.frame.dropna(subset=["doc_id"])
+    dyn_rows = {doc: {m: g[g["metric"] == m].sort_values("t")["value"].to_numpy() for m in ("focus", "confusion")} for doc, g in per_trace.groupby("doc_id")}
+    pca = _final_layer_pca(store, traces, n_layers, bridge.cfg.d_model, seed)
+    dev = _usable_traces(dev_path) if dev_path.exists() else None
+    dev_in_store = dev is not None and len(dev) and set(dev["doc_id"].astype(str)) <= set(store.doc_ids)
+    probe = fit_phase_probe(dev, store, list(range(n_layers)), internal.C) if internal.channels == "probe" and dev_in_store else None
+    boundary = estimate_boundaries(traces, dynamics_rows=dyn_rows, grid=GRID, store=store, layers=list(range(n_layers)), pca=pca, constant_share=constant_share, internal=internal, phase_probe=probe, progress=progress)
+    boundary.meta["internal_channels"] = "per layer: mean over heads of the attention mass to the document, to the model's own output (CoT and its mentions) and to the prompt scaffolding (no text markers, no truth)"
+    boundary.meta["constant_fitted_on"] = f"{dev_path.name}: {len(_usable_traces(dev_path))} dev traces" if constant_share is not None else "not fitted: no dev traces with a known boundary"
+    boundary.meta["n_boot"] = n_boot
+    results["boundary"] = boundary
+    timings["boundary"] = time.perf_counter() - t0
+    internal_tau = boundary.frame[boundary.frame["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
+    truth = {str(t.doc_id): int(t.true_boundary) for t in traces.itertuples(index=False) if not pd.isna(t.true_boundary)}
+    phase_tau = {doc: truth.get(doc, internal_tau[doc]) for doc in internal_tau}
+    tau_source = "the true boundary (known for every trace)" if len(truth) == len(internal_tau) else "the true boundary where known, else the internal estimate"
+    lengths = {str(t.doc_id): (int(t.cot_start), max(int(t.cot_end) - int(t.cot_start), 1)) for t in traces.itertuples(index=False)}
+    results["dynamics"] = dynamics.with_phase_changes({d: (tau - lengths[d][0]) / lengths[d][1] for d, tau in phase_tau.items()}, source=tau_source, n_boot=n_boot, seed=seed)
 
-        t0 = time.perf_counter()
-        results["head_scores"] = compute_head_scores(store, bridge, traces, dataset.docs, dataset.labels, internal_tau, n_boot, seed)
-        dev = _usable_traces(dev_path) if dev_path.exists() else None
-        if dev is not None and len(dev) and set(dev["doc_id"].astype(str)) <= set(store.doc_ids):
-            # Rankings that later stages act on (patching, distillation) come from dev traces, so the
-            # test traces they are measured on never chose the heads.
-            dev_boundary = estimate_boundaries(dev, estimators=("internal",), store=store, layers=list(range(n_layers)), pca=pca, internal=internal)
-            dev_tau = dev_boundary.frame.set_index("doc_id")["tau_token"].to_dict()
-            dev_scores = compute_head_scores(store, bridge, dev, dataset.docs, dataset.labels, dev_tau, n_boot, seed)
-            dev_scores.meta["traces"] = f"{len(dev)} dev traces ({dev_path.name})"
-            results["dev_head_scores"] = dev_scores
-        timings["head_scores"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results["attribution"] = compute_attribution(store, traces, n_layers, n_heads)
-        timings["attribution"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results["probes"] = compute_probes(store, traces, dataset.docs, phase_tau, n_layers, n_boot=max(200, n_boot // 2), seed=seed, tau_source=tau_source)
-        timings["probes"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        results["lens"] = compute_lens(store, bridge, traces, dataset.docs, dataset.labels, n_boot, seed)
-        timings["lens"] = time.perf_counter() - t0
-        for stem, result in results.items():
-            result.save(run_dir / f"{stem}.parquet")
-        record["outputs"] = [f"{stem}.parquet" for stem in results]
-        record["timings"] = {k: round(v, 2) for k, v in timings.items()}
-        record["boundary_errors"] = results["boundary"].errors(n_boot=n_boot, seed=seed).to_dict(orient="records")
-    if progress:
-        print(f"[characterize] wrote {', '.join(f'{s}.parquet' for s in results)} to {run_dir}", file=sys.stderr)
+    t0 = time.perf_counter()
+    results["head_scores"] = compute_head_scores(store, bridge, traces, dataset.docs, dataset.labels, internal_tau, n_boot, seed)
+    if dev_in_store:
+        # Rankings that later stages act on (patching, distillation) come from dev traces, so the
+        # test traces they are measured on never chose the heads. (On dev traces the probe would
+        # see its own training data: the unsupervised channels split them.)
+        dev_boundary = estimate_boundaries(dev, estimators=("internal",), store=store, layers=list(range(n_layers)), pca=pca, internal=replace(internal, channels="regions", smoothing=0.15))
+        dev_tau = dev_boundary.frame.set_index("doc_id")["tau_token"].to_dict()
+        dev_scores = compute_head_scores(store, bridge, dev, dataset.docs, dataset.labels, dev_tau, n_boot, seed)
+        dev_scores.meta["traces"] = f"{len(dev)} dev traces ({dev_path.name})"
+        results["dev_head_scores"] = dev_scores
+    timings["head_scores"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["attribution"] = compute_attribution(store, traces, n_layers, n_heads)
+    timings["attribution"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["probes"] = compute_probes(store, traces, dataset.docs, phase_tau, n_layers, n_boot=max(200, n_boot // 2), seed=seed, tau_source=tau_source)
+    timings["probes"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results["lens"] = compute_lens(store, bridge, traces, dataset.docs, dataset.labels, n_boot, seed)
+    timings["lens"] = time.perf_counter() - t0
+    record["timings"] = {k: round(v, 2) for k, v in timings.items()}
+    record["boundary_errors"] = results["boundary"].errors(n_boot=n_boot, seed=seed).to_dict(orient="records")
     return results
 
 
@@ -624,6 +499,8 @@ def tune_boundary_run(run_dir: str | Path, progress: bool = True, model=None, se
     """
     from analyses.io import write_parquet
     from probes.models import load_model
+
+    from analyses.io import Manifest
 
     run_dir = Path(run_dir)
     manifest = Manifest(run_dir)
@@ -640,8 +517,10 @@ def tune_boundary_run(run_dir: str | Path, progress: bool = True, model=None, se
     n_layers = bridge.cfg.n_layers
     pca = _final_layer_pca(store, traces, n_layers, bridge.cfg.d_model, seed)
     table = tune_internal(traces, store, list(range(n_layers)), pca=pca, progress=progress)
-    shipped = InternalSettings()
-    table["shipped_default"] = (table["channels"] == shipped.channels) & np.isclose(table["smoothing"], shipped.smoothing)
-    meta = {"dev_traces": int(len(traces)), "selected": {"channels": str(table.iloc[0]["channels"]), "smoothing": float(table.iloc[0]["smoothing"])}, "shipped": {"channels": shipped.channels, "smoothing": shipped.smoothing}, "metric": "median |estimated - true boundary| / CoT length over dev traces"}
+    shipped = CharacterizeSettings().internal
+    same_c = np.isclose(table["C"].fillna(-1), shipped.C if shipped.channels == "probe" else -1)
+    table["shipped_default"] = (table["channels"] == shipped.channels) & np.isclose(table["smoothing"], shipped.smoothing) & same_c
+    best = table.iloc[0]
+    meta = {"dev_traces": int(len(traces)), "selected": {"channels": str(best["channels"]), "smoothing": float(best["smoothing"]), "C": None if pd.isna(best["C"]) else float(best["C"])}, "shipped": {"channels": shipped.channels, "smoothing": shipped.smoothing, "C": shipped.C}, "metric": "median |estimated - true boundary| / CoT length over dev traces", "probe": table.attrs.get("cross_fitted")}
     write_parquet(table, run_dir / "boundary_tuning.parquet", metadata={"ctd_meta": json.dumps(meta)})
     return table

@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from probes.errors import CtdInputError, input_error
-from probes.store import file_sha256
+from probes.files import file_sha256
 
 __all__ = [
     "RunLock",

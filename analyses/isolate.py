@@ -25,46 +25,16 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
-from analyses.figures import PALETTE, themed
 from analyses.io import Manifest, read_parquet
 from analyses.parsing import TraceParser
-from analyses.prompts import get_template
-from analyses.results import FrameResult
+from analyses.settings import IsolateSettings
+from analyses.results.isolation import IsolationResult
 from analyses.tasks.sources import Dataset
 from probes.errors import input_error
 
 __all__ = ["IsolationResult", "isolate_run", "shortlist_text", "continue_batch"]
-
-
-class IsolationResult(FrameResult):
-    """``condition``, ``metric``, ``value``, ``ci_low``, ``ci_high`` (+ ``n``)."""
-
-    REQUIRED = ("condition", "metric", "value", "ci_low", "ci_high")
-
-    def verdict(self) -> str:
-        row = self.frame[(self.frame["condition"] == "complementarity") & (self.frame["metric"] == "verdict")]
-        return "complementary" if len(row) and row["value"].iloc[0] == 1.0 else "not shown"
-
-    def figure(self, metric: str = "micro_f1") -> go.Figure:
-        """Conditions as bars (with CIs), and the truncation curve on its own axis of CoT share."""
-        f = self.frame[self.frame["metric"] == metric]
-        bars = f[~f["condition"].str.match(r"phase1_only@(0|1)") & (f["condition"] != "complementarity")]
-        curve = f[f["condition"].str.match(r"phase1_only@(0|1)")].copy()
-        fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], subplot_titles=("conditions", "phase 1 alone, CoT cut at a share of its length"))
-        fig.add_trace(go.Bar(x=bars["condition"], y=bars["value"], marker_color=PALETTE[0], error_y=dict(type="data", symmetric=False, array=bars["ci_high"] - bars["value"], arrayminus=bars["value"] - bars["ci_low"]), showlegend=False), row=1, col=1)
-        if len(curve):
-            curve["share"] = curve["condition"].str.split("@").str[1].astype(float)
-            curve = curve.sort_values("share")
-            fig.add_trace(go.Scatter(x=curve["share"], y=curve["value"], mode="lines+markers", line=dict(color=PALETTE[1]), error_y=dict(type="data", symmetric=False, array=curve["ci_high"] - curve["value"], arrayminus=curve["value"] - curve["ci_low"]), showlegend=False), row=1, col=2)
-        fig = themed(fig, f"Phase isolation: {metric.replace('_', '-')} per condition ({self.verdict()}; 95% CI)", "condition | share of the CoT kept", metric.replace("_", "-"))
-        fig.update_xaxes(title_text="condition", tickangle=30, row=1, col=1)
-        fig.update_xaxes(title_text="share of the CoT kept before the answer is forced", range=[0, 1.05], row=1, col=2)
-        fig.update_layout(width=1100, height=520)
-        return fig
 
 
 CONDITIONS = {
@@ -121,23 +91,25 @@ def _paired_diff_ci(a: np.ndarray, b: np.ndarray, gold: list[set], n_boot: int, 
     return point, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
 
 
-def isolate_run(
-    run_dir: str | Path,
-    retriever_k: int = 5,
-    other_run: str | Path | None = None,
-    n_docs: int | None = None,
-    n_boot: int = 1000,
-    seed: int = 0,
-    progress: bool = True,
-    manifest: Manifest | None = None,
-) -> IsolationResult:
+def isolate_run(run_dir: str | Path, settings: IsolateSettings = IsolateSettings(), progress: bool = True, model_path: str | Path | None = None, template=None) -> IsolationResult:
+    """The isolation conditions and the complementarity verdict on the run's traces.
+
+    Args:
+        settings: :class:`~analyses.settings.IsolateSettings`.
+        model_path, template: the run's (read from its manifest when None).
+    """
     from analyses.retrieval import LabelRetriever
     from analyses.tasks.metrics import bootstrap_ci, set_metrics
     from probes.models import load_hf_model, load_tokenizer
 
     run_dir = Path(run_dir)
-    manifest = Manifest.for_stage(run_dir, manifest)
-    model_path = manifest.model_path()
+    if model_path is None or template is None:
+        from analyses.stage_functions import run_template
+
+        manifest = Manifest(run_dir)
+        model_path = model_path or manifest.model_path()
+        template = template or run_template(manifest)
+    retriever_k, other_run, n_docs, n_boot, seed = settings.retriever_k, settings.other_run, settings.n_docs, settings.n_boot, settings.seed
     traces = read_parquet(run_dir / "traces.parquet")
     boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))
     tau = boundary[boundary["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
@@ -153,8 +125,7 @@ def isolate_run(
         other = read_parquet(Path(other_run) / "traces.parquet", required=("doc_id", "shortlist")).set_index("doc_id")["shortlist"].to_dict()
     tokenizer = load_tokenizer(model_path)
     hf = load_hf_model(model_path, attn_implementation="sdpa")
-    template = get_template(manifest.data.get("stages", {}).get("traces", {}).get("config", {}).get("template", "organism"))
-    parser = TraceParser(labels, think_close=template.think_close, answer_open=template.answer_open, answer_close=template.answer_close)
+    parser = TraceParser.for_template(labels, template)
     close = tokenizer.encode("\n" + template.think_close + "\n" + template.answer_open, add_special_tokens=False)
     retriever = LabelRetriever(labels)
     from analyses.embed import embed_texts

@@ -27,19 +27,16 @@ What is measured:
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import plotly.graph_objects as go
 import torch
-from plotly.subplots import make_subplots
 
-from analyses.figures import PALETTE, themed
 from analyses.io import Manifest, read_parquet
 from analyses.parsing import Region, TraceParser
-from analyses.results import FrameResult
+from analyses.results.patching import PatchingResult
+from analyses.settings import PatchSettings
 from analyses.tasks.sources import Dataset
 from probes.errors import input_error
 from probes.patching import (
@@ -60,141 +57,6 @@ __all__ = ["PatchingResult", "PatchSettings", "patch_run", "corrupt_prompt", "an
 
 READOUTS = ("answer_logprob", "answer_margin")
 GENERATED = ("p_at_1", "recall")
-EFFECT_NAME = {"denoise": "recovery", "noise": "damage"}
-
-
-@dataclass
-class PatchSettings:
-    """Settings of the patch stage.
-
-    Attributes:
-        n_docs: test traces patched (well-formed, with anchors and a gold code in the answer).
-        n_random: random head sets per k (drawn outside the ranked top k).
-        what: ``z`` (head outputs) or ``pattern`` (attention patterns, as the published analysis).
-        sweep_positions: position sets of the per-head sweep: ``all``, ``phase1`` (CoT before the
-            boundary), ``phase2`` (CoT from the boundary on).
-        sweep: one head at a time (exact); off for models too large to sweep (attribution only).
-        regenerate: read the regenerated answer for the head sets (a greedy loop per set).
-        batch_size: traces per forward.
-    """
-
-    n_docs: int = 40
-    n_random: int = 3
-    what: str = "z"
-    sweep_positions: tuple[str, ...] = ("all", "phase1", "phase2")
-    sweep: bool = True
-    regenerate: bool = True
-    batch_size: int = 40
-    n_boot: int = 1000
-    n_permutations: int = 2000
-    seed: int = 0
-    device_map: str | None = None  # "auto": one large model across the GPUs of a node
-
-    @classmethod
-    def quick(cls) -> "PatchSettings":
-        return cls(n_docs=8, n_random=2, sweep_positions=("all",), n_boot=200, n_permutations=500)
-
-
-class PatchingResult(FrameResult):
-    """Long table; ``analysis`` says what a row is:
-
-    - ``baseline``: per trace ``clean`` and ``corrupt`` values of each read-out;
-    - ``sweep`` / ``attribution``: per head (``layer``, ``head``), ``mode``, ``positions`` and
-      read-out: per trace ``patched`` (sweep; attribution: ``corrupt``/``clean`` plus the linear
-      estimate) and ``effect`` (recovery or damage); summary rows (``doc_id`` null) pool traces
-      (ratio of sums) with ``ci_low``/``ci_high``;
-    - ``head_set``: ``score``, ``k``, ``head_set`` (ranked, random-i, lowest), same columns;
-    - ``all_heads``: the invariant (every head, every position);
-    - ``ranked_minus_random`` / ``ranked_minus_lowest``: paired differences of effects per k;
-    - ``correlation``: ``score`` against a causal map (``mode``, ``readout``): ``metric``
-      (spearman, top_k_overlap@k) with CI and ``p_value``;
-    - ``agreement``: Spearman between attribution and the sweep per mode and read-out.
-    """
-
-    REQUIRED = ("doc_id", "analysis", "mode", "readout", "value", "ci_low", "ci_high")
-
-    @property
-    def summary(self) -> pd.DataFrame:
-        return self.frame[self.frame["doc_id"].isna()]
-
-    def head_effects(self, analysis: str = "sweep", readout: str = "answer_logprob", positions: str = "all") -> pd.DataFrame:
-        s = self.summary
-        return s[(s["analysis"] == analysis) & (s["readout"] == readout) & (s["positions"] == positions)]
-
-    def correlations(self) -> pd.DataFrame:
-        return self.summary[self.summary["analysis"] == "correlation"]
-
-    def figure(self, readout: str = "answer_logprob") -> go.Figure:
-        """The causal map (layer x head, both modes) beside the CoarseScore and RefineScore maps."""
-        effects = self.head_effects("sweep", readout)
-        if effects.empty:
-            effects = self.head_effects("attribution", readout)
-        scores = pd.DataFrame(self.meta.get("dev_scores", []))
-        titles = [f"{EFFECT_NAME[m]} when patched alone ({m})" for m in ("denoise", "noise")] + ["CoarseScore (dev traces)", "RefineScore (dev traces)"]
-        fig = make_subplots(rows=1, cols=4, subplot_titles=titles, horizontal_spacing=0.07)
-        for c, mode in enumerate(("denoise", "noise"), start=1):
-            g = effects[effects["mode"] == mode]
-            if g.empty:
-                continue
-            table = g.pivot_table(index="layer", columns="head", values="value")
-            fig.add_trace(go.Heatmap(z=table.values, x=[f"H{h}" for h in table.columns], y=[f"L{l}" for l in table.index], coloraxis="coloraxis", hovertemplate="%{y}%{x}: %{z:.3f}<extra></extra>"), row=1, col=c)
-        for c, score in ((3, "coarse"), (4, "refine")):
-            if scores.empty:
-                continue
-            g = scores[scores["score"] == score]
-            table = g.pivot_table(index="layer", columns="head", values="value")
-            fig.add_trace(go.Heatmap(z=table.values, x=[f"H{h}" for h in table.columns], y=[f"L{l}" for l in table.index], coloraxis="coloraxis2", hovertemplate="%{y}%{x}: %{z:.3f}<extra></extra>"), row=1, col=c)
-        fig = themed(fig, f"Causal map ({readout.replace('_', ' ')}, {self.meta.get('what', 'z')}, test traces) beside the phase scores (dev traces)", "head", "layer")
-        fig.update_layout(
-            width=1300, height=430,
-            coloraxis=dict(colorscale="RdBu", cmid=0, colorbar=dict(title="effect", x=0.47)),
-            coloraxis2=dict(colorscale="Viridis", colorbar=dict(title="score", x=1.0)),
-        )
-        return fig
-
-    def scatter_figure(self, readout: str = "answer_logprob") -> go.Figure:
-        """Each head's score (dev) against its causal effect (test), with Spearman ρ and its CI."""
-        effects = self.head_effects("sweep", readout)
-        if effects.empty:
-            effects = self.head_effects("attribution", readout)
-        scores = pd.DataFrame(self.meta.get("dev_scores", []))
-        corr = self.correlations()
-        panels = [(s, m) for s in ("coarse", "refine") for m in ("denoise", "noise")]
-        titles = []
-        for score, mode in panels:
-            r = corr[(corr["score"] == score) & (corr["mode"] == mode) & (corr["readout"] == readout) & (corr["metric"] == "spearman")]
-            titles.append(f"{score} vs {EFFECT_NAME[mode]}: ρ = {r['value'].iloc[0]:.2f} [{r['ci_low'].iloc[0]:.2f}, {r['ci_high'].iloc[0]:.2f}], p = {r['p_value'].iloc[0]:.3f}" if len(r) else f"{score} vs {mode}")
-        fig = make_subplots(rows=1, cols=4, subplot_titles=titles, horizontal_spacing=0.06)
-        for c, (score, mode) in enumerate(panels, start=1):
-            if scores.empty:
-                continue
-            e = effects[effects["mode"] == mode][["layer", "head", "value"]].rename(columns={"value": "effect"})
-            s = scores[scores["score"] == score][["layer", "head", "value"]]
-            m = e.merge(s, on=["layer", "head"])
-            fig.add_trace(go.Scatter(x=m["value"], y=m["effect"], mode="markers", marker=dict(color=PALETTE[0] if score == "coarse" else PALETTE[3], size=8), text=[f"L{l}H{h}" for l, h in zip(m["layer"], m["head"])], hovertemplate="%{text}: score %{x:.3f}, effect %{y:.3f}<extra></extra>", showlegend=False), row=1, col=c)
-        fig = themed(fig, f"Do the phase scores find the causal heads? ({readout.replace('_', ' ')}; one dot per head)", "score on dev traces", "effect on test traces (fraction of the gap)")
-        fig.update_annotations(font_size=11)
-        fig.update_layout(width=1400, height=430)
-        return fig
-
-    def ranked_figure(self, readout: str = "answer_logprob") -> go.Figure:
-        """Top-k heads by score minus k random heads (outside the top k), against k, with CIs."""
-        s = self.summary[(self.summary["analysis"] == "ranked_minus_random") & (self.summary["readout"] == readout)]
-        fig = make_subplots(rows=1, cols=2, subplot_titles=[f"{m}: {EFFECT_NAME[m]}" for m in ("denoise", "noise")], shared_yaxes=True)
-        for c, mode in enumerate(("denoise", "noise"), start=1):
-            for score, colour in (("coarse", PALETTE[0]), ("refine", PALETTE[3])):
-                g = s[(s["mode"] == mode) & (s["score"] == score)].sort_values("k")
-                if g.empty:
-                    continue
-                fig.add_trace(
-                    go.Scatter(x=g["k"], y=g["value"], mode="lines+markers", name=f"top-k by {score.capitalize()}Score − random", line=dict(color=colour), showlegend=c == 1,
-                               error_y=dict(type="data", symmetric=False, array=g["ci_high"] - g["value"], arrayminus=g["value"] - g["ci_low"])),
-                    row=1, col=c,
-                )
-            fig.add_hline(y=0, line=dict(color="#999", dash="dot"), row=1, col=c)
-        fig = themed(fig, f"Ranked heads against random heads ({readout.replace('_', ' ')}; paired over traces, 95% CI)", "heads patched (k)", "effect difference (fraction of the gap)")
-        fig.update_layout(width=1000, height=450)
-        return fig
 
 
 # ------------------------------------------------------------------------------------------------
@@ -311,21 +173,25 @@ def _phase_positions(trace, tau: int) -> dict[str, list[int]]:
     return {"all": list(range(n)), "phase1": list(range(cot_start, tau)), "phase2": list(range(tau, cot_end))}
 
 
-def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), progress: bool = True, model=None, manifest: Manifest | None = None) -> PatchingResult:
+def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), progress: bool = True, model=None, model_path: str | Path | None = None, template=None) -> PatchingResult:
     """Every head's causal effect on the run's test traces and the scores' agreement with it.
 
     Args:
         run_dir: a run with traces, boundary and (dev) head scores.
-        settings: :class:`PatchSettings`.
+        settings: :class:`~analyses.settings.PatchSettings`.
+        model: a loaded bridge to reuse; model_path, template: the run's (read from its manifest when None).
     """
     from tqdm.auto import tqdm
 
-    from analyses.prompts import get_template
     from probes.models import load_hf_model, load_model
 
     run_dir = Path(run_dir)
-    manifest = Manifest.for_stage(run_dir, manifest)
-    model_path = manifest.model_path()
+    if model_path is None or template is None:
+        from analyses.stage_functions import run_template
+
+        manifest = Manifest(run_dir)
+        model_path = model_path or manifest.model_path()
+        template = template or run_template(manifest)
     dev_scores_path = run_dir / "dev_head_scores.parquet"
     ranked_on = "dev" if dev_scores_path.exists() else "test"
     scores = read_parquet(dev_scores_path if ranked_on == "dev" else run_dir / "head_scores.parquet", required=("layer", "head", "score", "value", "rank"))
@@ -373,8 +239,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
         raise input_error(run_dir / "traces.parquet", "no well-formed trace with anchors and a gold code in its answer", "generate more traces (ctd traces --n-docs)")
     doc_ids = [str(t.doc_id) for t in chosen]
     n = len(chosen)
-    template = get_template(manifest.data.get("stages", {}).get("traces", {}).get("config", {}).get("template", "organism"))
-    parser = TraceParser(labels, think_close=template.think_close, answer_open=template.answer_open, answer_close=template.answer_close)
+    parser = TraceParser.for_template(labels, template)
     answer_open = tok.encode(parser.answer_open, add_special_tokens=False)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     hf = load_hf_model(model_path, attn_implementation="sdpa", device_map=settings.device_map) if settings.regenerate and settings.what == "z" else None

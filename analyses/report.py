@@ -23,12 +23,7 @@ __all__ = ["collect_figures", "write_figures", "write_report", "png_available", 
 
 def collect_figures(run_dir: str | Path) -> dict[str, object]:
     """Every figure the run's result files support, by name (missing stages are skipped)."""
-    from analyses.boundary import Boundary
-    from analyses.characterize import Attribution, HeadScores, LensResult, ProbeResults
-    from analyses.distill import DistillResult
-    from analyses.dynamics import Dynamics
-    from analyses.isolate import IsolationResult
-    from analyses.patch import PatchingResult
+    from analyses.results import Attribution, Boundary, DistillResult, Dynamics, HeadScores, IsolationResult, LensResult, PatchingResult, ProbeResults
 
     run_dir = Path(run_dir)
     figures: dict[str, object] = {}
@@ -116,7 +111,7 @@ def causal_findings(run_dir: str | Path) -> list[str]:
     run_dir = Path(run_dir)
     out: list[str] = []
     if (run_dir / "patching.parquet").exists():
-        from analyses.patch import PatchingResult
+        from analyses.results import PatchingResult
 
         patching = PatchingResult.load(run_dir / "patching.parquet")
         s = patching.summary
@@ -156,7 +151,7 @@ def distill_findings(run_dir: str | Path) -> list[str]:
     run_dir = Path(run_dir)
     if not (run_dir / "distill.parquet").exists():
         return []
-    from analyses.distill import DistillResult
+    from analyses.results import DistillResult
 
     d = DistillResult.load(run_dir / "distill.parquet")
     out = []
@@ -174,9 +169,9 @@ def distill_findings(run_dir: str | Path) -> list[str]:
 
 def characterization_findings(run_dir: str | Path) -> list[str]:
     """Sentences, each with its number and 95% CI, on what the run's characterisation shows."""
-    from analyses.boundary import Boundary
-    from analyses.characterize import ProbeResults
-    from analyses.dynamics import Dynamics
+    from analyses.results import Boundary
+    from analyses.results import ProbeResults
+    from analyses.results import Dynamics
 
     run_dir = Path(run_dir)
     out: list[str] = []
@@ -218,7 +213,7 @@ def characterization_findings(run_dir: str | Path) -> list[str]:
 def _key_tables(run_dir: Path) -> list[str]:
     out = []
     if (run_dir / "boundary.parquet").exists():
-        from analyses.boundary import Boundary
+        from analyses.results import Boundary
 
         boundary = Boundary.load(run_dir / "boundary.parquet")
         errors = boundary.errors(n_boot=int(boundary.meta.get("n_boot", 1000)))

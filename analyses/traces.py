@@ -8,14 +8,14 @@ regions; malformed traces are kept and flagged, and the stage prints how many th
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from analyses.io import Manifest, write_parquet
+from analyses.io import write_parquet
+from analyses.settings import GenerationSettings
 from analyses.organism import boundary_char, default_organism_path
 from analyses.parsing import TraceParser, token_char_spans
 from analyses.prompts import PromptTemplate, default_template, get_template
@@ -23,20 +23,10 @@ from analyses.tasks.labels import LabelSpace
 from probes.distributed import barrier, rank_and_world, shard_for_rank
 from probes.errors import CtdInputError, input_error
 
-__all__ = ["GenerationConfig", "generate_traces", "write_traces", "resolve_model_path", "traces_stage_config", "default_dev_docs"]
+__all__ = ["GenerationConfig", "generate_traces", "make_traces", "resolve_model_path", "default_dev_docs"]
 
 
-@dataclass
-class GenerationConfig:
-    # The organism's longest traces run to about 600 tokens; real reasoning models need more (--max-new-tokens).
-    max_new_tokens: int = 768
-    batch_size: int = 32
-    do_sample: bool = False
-    temperature: float = 0.7
-    top_p: float = 0.95
-    seed: int = 0
-    attn_implementation: str = "sdpa"
-    device_map: str | None = None  # "auto": one model across the GPUs of a node (accelerate)
+GenerationConfig = GenerationSettings  # the traces stage's generation settings (analyses.settings)
 
 
 def resolve_model_path(model: str | Path | None) -> Path:
@@ -188,35 +178,30 @@ def default_dev_docs(model_dir: Path, template_name: str | None = None) -> int:
     return 100 if _template_for(Path(model_dir), template_name).family == "organism" else 0
 
 
-def traces_stage_config(model_dir: Path, split: str, n_docs: int | None, template_name: str | None, config: GenerationConfig, n_dev_docs: int = 0) -> dict:
-    """What identifies a traces stage: rerunning with the same settings reuses its file."""
-    return {
-        "model": str(Path(model_dir).resolve()),
-        "split": split,
-        "n_docs": n_docs,
-        "n_dev_docs": n_dev_docs,
-        "template": _template_for(Path(model_dir), template_name).name,
-        "generation": dict(config.__dict__),
-    }
-
-
-def write_traces(
-    run_dir: str | Path,
+def make_traces(
+    run_dir: Path,
     dataset,
-    model: str | Path | None = None,
+    model_dir: Path,
     split: str = "test",
     n_docs: int | None = None,
+    n_dev_docs: int | None = None,
     template_name: str | None = None,
     config: GenerationConfig | None = None,
     progress: bool = True,
-    manifest: Manifest | None = None,
-    n_dev_docs: int | None = None,
+    record: dict | None = None,
 ) -> pd.DataFrame:
-    """The ``traces`` stage: ``labels.parquet``, ``docs.parquet``, ``traces.parquet`` (the ``split``
-    documents) and ``dev_traces.parquet`` (``n_dev_docs`` dev documents, see :func:`default_dev_docs`)."""
+    """Generate, parse and write ``traces.parquet`` (the ``split`` documents) and
+    ``dev_traces.parquet`` (``n_dev_docs`` dev documents, see :func:`default_dev_docs`); under
+    torchrun each rank generates its share and rank 0 joins them. Writes no manifest.
+
+    Args:
+        run_dir: the run directory (its ``docs.parquet`` and ``labels.parquet`` already written).
+        model_dir: a model folder.
+        record: facts for the manifest's stage record (counts, processes) are added here.
+    """
     run_dir = Path(run_dir)
-    model_dir = resolve_model_path(model)
     config = config or GenerationConfig()
+    record = {} if record is None else record
     docs = dataset.split(split) if split != "all" else dataset.docs
     if n_docs is not None:
         if len(docs) < n_docs:
@@ -227,13 +212,7 @@ def write_traces(
     n_dev_docs = default_dev_docs(model_dir, template_name) if n_dev_docs is None else n_dev_docs
     dev_docs = dataset.split("dev").head(n_dev_docs) if n_dev_docs and split != "dev" else dataset.docs.head(0)
     if n_dev_docs and dev_docs.empty:
-        print(f"[traces] the dataset has no dev split: no dev traces (the constant boundary estimator will not be fitted)", file=sys.stderr)
-        n_dev_docs = 0
-    manifest = Manifest.for_stage(run_dir, manifest)
-    if not (run_dir / "docs.parquet").exists():
-        dataset.save(run_dir)
-    stage_config = traces_stage_config(model_dir, split, n_docs, template_name, config, n_dev_docs)
-    manifest.update(model={"path": str(model_dir.resolve())}, dataset={"name": dataset.name, **dataset.info})
+        print("[traces] the dataset has no dev split: no dev traces (the constant boundary estimator will not be fitted)", file=sys.stderr)
     rank, world = rank_and_world()
 
     def generate(frame: pd.DataFrame, name: str) -> pd.DataFrame:
@@ -249,27 +228,21 @@ def write_traces(
         parts = pd.concat([pd.read_parquet(run_dir / f"{name}.rank-{r}-of-{world}.parquet") for r in range(world)], ignore_index=True)
         return parts.set_index("doc_id").loc[list(frame["doc_id"])].reset_index()
 
-    if rank != 0:  # torchrun: the other ranks generate their shares; rank 0 joins and records them
-        generate(docs, "traces")
-        if len(dev_docs):
-            generate(dev_docs, "dev_traces")
+    traces = generate(docs, "traces")
+    dev = generate(dev_docs, "dev_traces") if len(dev_docs) else None
+    if rank != 0:
         barrier()
-        return docs.head(0)
-    with manifest.stage("traces", config=stage_config, seed=config.seed) as record:
-        traces = generate(docs, "traces")
-        write_parquet(traces, run_dir / "traces.parquet")
-        record["outputs"] = ["traces.parquet"]
-        if len(dev_docs):
-            dev = generate(dev_docs, "dev_traces")
-            write_parquet(dev, run_dir / "dev_traces.parquet")
-            record["outputs"].append("dev_traces.parquet")
-        record["processes"] = world
+        return traces
+    write_parquet(traces, run_dir / "traces.parquet")
+    if dev is not None:
+        write_parquet(dev, run_dir / "dev_traces.parquet")
     if world > 1:
         for leftover in run_dir.glob("*.rank-*-of-*.parquet"):
             leftover.unlink()
         barrier()
-        bad = traces[~traces["well_formed"]]
-        record["counts"] = {"traces": int(len(traces)), "malformed": int(len(bad)), "dev_traces": int(len(dev_docs))}
+    bad = traces[~traces["well_formed"]]
+    record["counts"] = {"traces": int(len(traces)), "malformed": int(len(bad)), "dev_traces": int(len(dev_docs))}
+    record["processes"] = world
     reasons = pd.Series([p for ps in bad["problems"] for p in ps]).str.replace(r" \[.*", "", regex=True).value_counts()
     detail = ", ".join(f"{k}: {v}" for k, v in reasons.items())
     print(f"[traces] {len(traces)} traces, {len(bad)} malformed (kept and flagged{': ' + detail if detail else ''})", file=sys.stderr)

@@ -185,12 +185,16 @@ def run_child(method: str, args, n: int) -> dict:
 def ensure_traces(args) -> None:
     if (Path(args.out) / "traces.parquet").exists():
         return
-    from analyses.tasks.sources import load_dataset
-    from analyses.traces import write_traces
+    from dataclasses import replace
+
+    from analyses.settings import DataSettings, RunConfig
+    from analyses.stages import run as run_stage
 
     n_docs = max(2 * args.n_traces, 64)
-    dataset = load_dataset("icd10cm", chapters=["9"], n_docs=int(n_docs / 0.1) + 10, seed=0)
-    write_traces(args.out, dataset, model=args.model, split="test", n_docs=2 * args.n_traces)
+    config = RunConfig(model=args.model, data=DataSettings(options={"chapters": ["9"], "n_docs": int(n_docs / 0.1) + 10}))
+    config = replace(config, traces=replace(config.traces, n_docs=2 * args.n_traces, n_dev_docs=0))
+    run_stage("data", args.out, config)
+    run_stage("traces", args.out, config)
 
 
 def main():

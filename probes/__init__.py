@@ -2,16 +2,11 @@
 
 ``load_model`` (any supported HF folder into a TransformerBridge), ``capture`` / ``open_store``
 (teacher-forced replay into a checksummed activation store), the activation points, the probe
-bank, and head patching (sweep and attribution).
+bank, and head patching (sweep and attribution). Names load on first use: importing ``probes``
+(or its errors) does not import torch.
 """
 
-from probes.capture import CaptureConfig, CaptureRequest, capture
 from probes.errors import CtdError, CtdInputError, CtdNumericalError
-from probes.linear import ProbeProblem, fit_probe_bank
-from probes.models import load_model
-from probes.patching import PatchInputs, TokenReadout, attribution_patching, head_sweep
-from probes.points import POINTS, REDUCTIONS, hook_name, reduction_name
-from probes.store import open_store
 
 __all__ = [
     "load_model",
@@ -33,3 +28,29 @@ __all__ = [
     "CtdInputError",
     "CtdNumericalError",
 ]
+
+_HOMES = {
+    "load_model": "probes.models",
+    "capture": "probes.capture",
+    "CaptureConfig": "probes.capture",
+    "CaptureRequest": "probes.capture",
+    "open_store": "probes.store",
+    "POINTS": "probes.points",
+    "REDUCTIONS": "probes.points",
+    "hook_name": "probes.points",
+    "reduction_name": "probes.points",
+    "ProbeProblem": "probes.linear",
+    "fit_probe_bank": "probes.linear",
+    "PatchInputs": "probes.patching",
+    "TokenReadout": "probes.patching",
+    "head_sweep": "probes.patching",
+    "attribution_patching": "probes.patching",
+}
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        import importlib
+
+        return getattr(importlib.import_module(_HOMES[name]), name)
+    raise AttributeError(f"module 'probes' has no attribute {name!r}")

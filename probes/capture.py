@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,7 +18,6 @@ from typing import Callable, Sequence
 import numpy as np
 import pandas as pd
 import torch
-from jaxtyping import Bool, Float, Int
 from torch import Tensor
 from transformer_lens.model_bridge.exceptions import StopAtLayerException
 
@@ -172,7 +170,6 @@ def _capture_local(bridge, requests: list[CaptureRequest], root: Path, config: C
     """One process's capture of ``requests`` into the store at ``root``."""
     from tqdm.auto import tqdm
 
-    n_layers = bridge.cfg.n_layers
     writer = ShardWriter(root, identity)
     store_dtype = DTYPES[config.dtype]
     pad_id = bridge.tokenizer.pad_token_id if bridge.tokenizer.pad_token_id is not None else 0

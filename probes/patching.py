@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Float
 from torch import Tensor
 
 from probes.attention import heads_view

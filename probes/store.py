@@ -18,7 +18,6 @@ per reader before its first read.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -32,6 +31,7 @@ from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file
 
 from probes.errors import CtdError, CtdInputError, input_error
+from probes.files import file_sha256
 
 __all__ = ["ShardWriter", "StoreReader", "open_store", "file_sha256", "STORE_DIR", "DTYPES"]
 
@@ -39,15 +39,6 @@ STORE_DIR = "activations"
 SEP = "|"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _NUMPY_DTYPES = (torch.float16, torch.float32, torch.int64)
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _write_json_atomic(obj, path: Path) -> None:

@@ -60,16 +60,17 @@ FIXTURE_NOTE_SEED = 20261
 @pytest.fixture(scope="session")
 def organism_run(tmp_path_factory, organism_path):
     """A full run on the organism: 60 held-out notes (and its 60 dev notes), traces, capture and characterize."""
-    from analyses.capture_stage import capture_run
-    from analyses.characterize import characterize_run
-    from analyses.tasks.sources import load_dataset
-    from analyses.traces import write_traces
+    from dataclasses import replace
+
+    from analyses.settings import DataSettings, RunConfig
+    from analyses.stages import run as run_stage
 
     run = tmp_path_factory.mktemp("organism_run")
-    dataset = load_dataset("icd10cm", chapters=["9"], n_docs=600, seed=FIXTURE_NOTE_SEED)
-    write_traces(run, dataset, model=organism_path, split="test", n_docs=60, progress=False)
-    capture_run(run, points=["resid_post", "head_out"], progress=False)
-    results = characterize_run(run, n_boot=300, progress=False)
+    config = RunConfig(model=str(organism_path), seed=FIXTURE_NOTE_SEED, data=DataSettings(options={"chapters": ["9"], "n_docs": 600}))
+    config = replace(config, traces=replace(config.traces, n_docs=60))
+    for stage in ("data", "traces", "capture"):
+        run_stage(stage, run, config, progress=False)
+    results = run_stage("characterize", run, config, progress=False, n_boot=300)
     return run, results
 
 

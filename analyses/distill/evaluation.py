@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from analyses.distill.data import collate
 from analyses.distill.losses import attention_kl

@@ -13,9 +13,8 @@ Whatever the sign, it is reported.
 from __future__ import annotations
 
 import json
-import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -28,66 +27,13 @@ from analyses.distill.head_map import choose_teacher_heads, map_heads, similarit
 from analyses.distill.result import DistillResult
 from analyses.distill.training import CONDITIONS, train_student
 from analyses.io import Manifest, read_json, write_json, write_parquet
+from analyses.settings import DistillConfig
 from probes.errors import input_error
 
 __all__ = ["DistillConfig", "distill_run", "holm"]
 
 HEADLINE = ("standard", "mechanistic")
 ABLATIONS = ("no_phase1", "no_phase2", "no_attn", "no_loop", "no_write", "no_int")
-
-
-@dataclass
-class DistillConfig:
-    """Settings of the distillation study.
-
-    Attributes:
-        student: folder of the student base (None: the shipped one, ``analyses/assets/student_base``).
-        n_train_docs: training notes (chosen to cover the evaluation notes' gold codes).
-        n_eval_docs: held-out notes of the evaluation split every student is scored on.
-        eval_split: ``test`` for the study, ``dev`` for the pilot that chooses ``steps``.
-        n_curve_docs: held-out notes generated at each learning-curve checkpoint (the teacher-
-            forced log-prob uses all of them).
-        steps: training steps of every condition but ``standard_equal_compute`` (chosen from a pilot).
-        n_checkpoints: learning-curve points after step 0.
-        seeds: data orders; every condition of a seed sees the same one.
-    """
-
-    student: str | None = None
-    n_train_docs: int = 600
-    n_eval_docs: int = 200
-    eval_split: str = "test"
-    n_curve_docs: int = 50
-    n_trajectory_docs: int = 40
-    steps: int = 300
-    n_checkpoints: int = 5
-    batch_size: int = 16
-    lr: float = 1e-3
-    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    conditions: tuple[str, ...] = ("standard", "mechanistic", "standard_equal_compute", "no_phase1", "no_phase2")
-    lambda1: float = 0.5
-    lambda2: float = 0.5
-    heads_per_phase: int = 3
-    max_new_tokens: int = 512
-    n_boot: int = 1000
-
-    @classmethod
-    def for_run(cls) -> "DistillConfig":
-        """What ``ctd run`` uses: the headline pair and the equal-compute arm, 5 seeds, sized to fit
-        the run's 20 minutes (ablations are in ``ctd distill``'s default study)."""
-        return cls(conditions=("standard", "mechanistic", "standard_equal_compute"), n_curve_docs=30, n_trajectory_docs=20)
-
-    @classmethod
-    def quick(cls) -> "DistillConfig":
-        return cls(n_train_docs=48, n_eval_docs=12, n_curve_docs=6, n_trajectory_docs=6, steps=12, n_checkpoints=2, batch_size=8, seeds=(0, 1), conditions=("standard", "mechanistic"), max_new_tokens=256, n_boot=200)
-
-    @classmethod
-    def pilot(cls) -> "DistillConfig":
-        """The learning-curve pilot that chooses ``steps``: standard students, long, scored on dev notes."""
-        return cls(eval_split="dev", n_eval_docs=100, n_curve_docs=100, steps=1200, n_checkpoints=8, seeds=(0, 1), conditions=("standard",))
-
-    def checkpoints(self, steps: int | None = None) -> list[int]:
-        steps = self.steps if steps is None else steps
-        return sorted({max(1, int(round(steps * (i + 1) / self.n_checkpoints))) for i in range(self.n_checkpoints)})
 
 
 def holm(p_values: list[float]) -> list[float]:
@@ -110,14 +56,14 @@ def _finished(folder: Path, cfg: DistillConfig) -> dict | None:
     return record if record.get("config") == json.loads(json.dumps(asdict(cfg))) else None
 
 
-def _teacher_traces(path: Path, model_path: str, docs: pd.DataFrame, labels, template: str | None, tokenizer, hf, max_new_tokens: int, progress: bool) -> pd.DataFrame:
+def _teacher_traces(path: Path, model_path: str, docs: pd.DataFrame, labels, template, tokenizer, hf, max_new_tokens: int, progress: bool) -> pd.DataFrame:
     from analyses.traces import GenerationConfig, generate_traces
 
     if path.exists():
         cached = pd.read_parquet(path)
         if list(cached["doc_id"]) == list(docs["doc_id"]):
             return cached
-    traces = generate_traces(model_path, docs, labels, template_name=template, config=GenerationConfig(max_new_tokens=max_new_tokens, batch_size=32), progress=progress, tokenizer=tokenizer, hf_model=hf)
+    traces = generate_traces(model_path, docs, labels, template_name=template.name, config=GenerationConfig(max_new_tokens=max_new_tokens, batch_size=32), progress=progress, tokenizer=tokenizer, hf_model=hf)
     write_parquet(traces, path)  # atomic: a kill never leaves a half-written cache
     return traces
 
@@ -137,16 +83,16 @@ def _per_doc_diff_ci(a: dict[int, np.ndarray], b: dict[int, np.ndarray], seeds: 
     return point, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975)), p
 
 
-def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progress: bool = True, manifest: Manifest | None = None) -> DistillResult:
+def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progress: bool = True, model_path: str | Path | None = None, template=None) -> DistillResult:
     """The distillation study of a run.
 
     Args:
         run_dir: a run with traces (its teacher is the run's model), and head scores or patching.
-        config: :class:`DistillConfig` (default study: 5 conditions x 5 seeds).
+        config: :class:`~analyses.settings.DistillConfig` (default study: 5 conditions x 5 seeds).
+        model_path, template: the run's (read from its manifest when None).
     """
     from analyses.dynamics import compute_dynamics
     from analyses.patch import answer_readouts
-    from analyses.prompts import get_template
     from analyses.student import default_student_base_path
     from analyses.tasks.sources import Dataset
     from analyses.traces import GenerationConfig, generate_traces
@@ -157,8 +103,12 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
     if unknown:
         raise input_error(None, f"unknown distillation condition(s) {unknown}", f"use some of {list(CONDITIONS)}")
     run_dir = Path(run_dir)
-    manifest = Manifest.for_stage(run_dir, manifest)
-    model_path = manifest.model_path()
+    if model_path is None or template is None:
+        from analyses.stage_functions import run_template
+
+        manifest = Manifest(run_dir)
+        model_path = model_path or manifest.model_path()
+        template = template or run_template(manifest)
     base = Path(cfg.student) if cfg.student else default_student_base_path()
     if not (base / "config.json").exists():
         raise input_error(base, "no student base here", "pass --student the folder of a small pretrained causal LM with the teacher's tokenizer, or restore analyses/assets/student_base")
@@ -166,8 +116,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
     labels = dataset.labels
     tokenizer = load_tokenizer(model_path)
     pad = tokenizer.pad_token_id
-    template = manifest.data.get("stages", {}).get("traces", {}).get("config", {}).get("template")
-    think_close = get_template(template or "organism").think_close
+    think_close = template.think_close
     started = time.perf_counter()
 
     eval_docs = dataset.split(cfg.eval_split).head(cfg.n_eval_docs).reset_index(drop=True)
@@ -230,7 +179,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
     gen_config = GenerationConfig(max_new_tokens=cfg.max_new_tokens, batch_size=50)
 
     def generate(model, docs):
-        return generate_traces(model_path, docs, labels, template_name=template, config=gen_config, progress=False, hf_model=model, tokenizer=tokenizer)
+        return generate_traces(model_path, docs, labels, template_name=template.name, config=gen_config, progress=False, hf_model=model, tokenizer=tokenizer)
 
     def checkpoint(step, model):
         tf = teacher_forced_metrics(model, held_examples, held_items, pad)

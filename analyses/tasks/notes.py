@@ -10,7 +10,7 @@ and, for each gold code, the words that separate it from its closest near-miss.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd

@@ -7,7 +7,8 @@ import pytest
 import scipy.stats
 import torch
 
-from analyses.capture_stage import capture_requests, capture_run
+from analyses.capture_stage import capture_requests
+from analyses.stages import run as run_stage
 from analyses.io import write_json
 from analyses.parsing import Region
 from analyses.traces import GenerationConfig, generate_traces
@@ -15,6 +16,11 @@ from probes.capture import CaptureConfig, capture
 from probes.errors import CtdInputError
 from probes.models import load_hf_model, load_model
 from probes.store import open_store
+
+
+def capture_run(run_dir, model=None, progress=False, **settings):
+    """`ctd capture` on a run directory, with a loaded bridge."""
+    return run_stage("capture", run_dir, model=model, progress=progress, **settings)
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,7 @@
 import numpy as np
 import pandas as pd
 
-from analyses.boundary import Boundary
-from analyses.characterize import Attribution, HeadScores, LensResult, ProbeResults
-from analyses.distill import DistillResult
-from analyses.dynamics import Dynamics
-from analyses.isolate import IsolationResult
-from analyses.patch import PatchingResult
+from analyses.results import Attribution, Boundary, DistillResult, Dynamics, HeadScores, IsolationResult, LensResult, PatchingResult, ProbeResults
 
 
 def _check(fig):
@@ -63,3 +58,13 @@ def test_every_figure_draws_from_a_small_frame(tmp_path):
     _check(res.trajectory_figure())
     res.save(tmp_path / "d.parquet")
     assert DistillResult.load(tmp_path / "d.parquet").meta["curves"]["teacher"]["t"] == list(t)
+
+
+def test_results_draw_without_torch():
+    """A notebook or the report draws from a run's files without importing the models."""
+    import subprocess
+    import sys
+
+    code = "import sys; import analyses.results, analyses.report, analyses.settings; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -141,7 +141,7 @@ def test_the_organism_fixture_shares_no_note_with_the_default_runs_dev_notes():
     from tests.conftest import FIXTURE_NOTE_SEED
 
     default = RunConfig()
-    tuned_on = load_dataset("icd10cm", seed=default.seed, **default.dataset_options).split("dev").head(100)  # the dev traces of a default run
+    tuned_on = load_dataset(default.data.source, seed=default.seed, **default.data.options).split("dev").head(100)  # the dev traces of a default run
     fixture = load_dataset("icd10cm", chapters=["9"], n_docs=600, seed=FIXTURE_NOTE_SEED).docs
     assert len(tuned_on) == 100
     assert not set(fixture["text"]) & set(tuned_on["text"])

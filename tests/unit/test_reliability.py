@@ -70,11 +70,25 @@ def test_run_dataset_files_load_or_name_the_row(tmp_path_factory, rows):
 _toml_value = st.one_of(st.integers(-2, 5), st.booleans(), st.text(alphabet="abc/ ", max_size=5), st.floats(allow_nan=False, allow_infinity=False), st.lists(st.integers(0, 3), max_size=2))
 
 
+_KEYS = ["out", "model", "seed", "quick", "colour", "traces.n_docs", "traces.split", "patch.n_docs", "patch.what", "characterize.internal.smoothing", "distill.seeds", "capture.points", "data.options", "report"]
+
+
+def _toml(values: dict) -> str:
+    """Dotted keys as TOML tables (``a.b = 1`` -> ``[a]\nb = 1``)."""
+    top = "".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items() if "." not in k)
+    tables: dict[str, list[str]] = {}
+    for key, value in values.items():
+        if "." in key:
+            table, field = key.rsplit(".", 1)
+            tables.setdefault(table, []).append(f"{field} = {json.dumps(value)}\n")
+    return top + "".join(f"[{t}]\n" + "".join(lines) for t, lines in tables.items())
+
+
 @FIXTURE
-@given(st.dictionaries(st.sampled_from(["out", "model", "dataset", "split", "n_docs", "seed", "quick", "colour"]), _toml_value, max_size=4))
+@given(st.dictionaries(st.sampled_from(_KEYS), _toml_value, max_size=4))
 def test_config_files_give_typed_settings_or_name_the_problem(tmp_path_factory, values):
     path = tmp_path_factory.mktemp("cfg") / "run.toml"
-    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    path.write_text(_toml(values))
     try:
         config = load_config(path)
     except CtdInputError as exc:
@@ -83,7 +97,23 @@ def test_config_files_give_typed_settings_or_name_the_problem(tmp_path_factory, 
     assert isinstance(config, RunConfig)
     assert isinstance(config.seed, int) and not isinstance(config.seed, bool)
     assert isinstance(config.quick, bool) and isinstance(config.out, str)
-    assert config.n_docs is None or config.n_docs >= 1
+    assert config.traces.n_docs is None or (isinstance(config.traces.n_docs, int) and config.traces.n_docs >= 1)
+    assert isinstance(config.patch.n_docs, int) and config.patch.n_docs >= 1
+    assert isinstance(config.characterize.internal.smoothing, float)
+    assert isinstance(config.distill.seeds, tuple)
+
+
+def test_set_overrides_reach_every_setting_and_name_bad_ones():
+    from analyses.settings import apply_override
+
+    config = apply_override(RunConfig(), "patch.n_docs=12")
+    config = apply_override(config, "characterize.internal.channels=regions")
+    config = apply_override(config, "distill.conditions=[\"standard\", \"mechanistic\"]")
+    assert config.patch.n_docs == 12 and config.characterize.internal.channels == "regions"
+    assert config.distill.conditions == ("standard", "mechanistic")
+    for bad, message in (("patch.nope=1", "unknown setting 'nope'"), ("patch.n_docs=x", "setting 'n_docs' is str"), ("patch.n_docs=0", "n_docs is 0"), ("patch", "not KEY=VALUE")):
+        with pytest.raises(CtdInputError, match=message):
+            apply_override(RunConfig(), bad)
 
 
 def _finished_stage(run):

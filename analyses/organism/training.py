@@ -1,18 +1,8 @@
-"""The embedded reasoning model: trace teacher, BPE tokenizer, a small Qwen3 trained from scratch.
+"""Training the organism from scratch (``ctd organism train``) and checking it on held-out notes.
 
-The organism reads a generated clinical note and writes a two-phase chain of thought:
-
-    <think>
-    Candidates: I50.21, I10, I50.22.            <- phase 1: shortlist (gold mixed with near-misses)
-    Check I50.21: acute not noted -> drop.      <- phase 2: one check per candidate, with the
-    Check I10: denied -> drop.                     deciding evidence
-    Check I50.22: chronic -> keep.
-    </think>
-    <answer>I50.22</answer>
-
-The true phase boundary is the first token of the first ``Check``. The checkpoint is an ordinary
-Hugging Face folder (config, safetensors, tokenizer in ``tokenizer/``) loaded through the same code
-path as any real model; ``ctd_organism.json`` beside it records how it was trained and what it reaches.
+The checkpoint is an ordinary Hugging Face folder (config, safetensors, tokenizer in ``tokenizer/``)
+loaded through the same code path as any real model; ``ctd_organism.json`` beside it records how it
+was trained and what it reaches.
 """
 
 from __future__ import annotations
@@ -22,227 +12,19 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from analyses.prompts import get_template
-from analyses.tasks.labels import LabelSpace, lower_first, normalize_text, short_description
+from analyses.organism.format import ORGANISM_LABEL_CHAPTERS, build_corpus, dictionary_corpus
+from analyses.organism.tokenizer import train_tokenizer
+from analyses.tasks.labels import LabelSpace
 from probes.errors import CtdNumericalError, input_error
 
-__all__ = [
-    "OrganismConfig",
-    "teacher_trace",
-    "build_corpus",
-    "train_tokenizer",
-    "train_organism",
-    "evaluate_organism",
-    "default_organism_path",
-    "ORGANISM_LABEL_CHAPTERS",
-    "boundary_char",
-]
-
-ORGANISM_LABEL_CHAPTERS = ("9",)
-SPECIAL_TOKENS = ("<|endoftext|>", "<think>", "</think>", "<answer>", "</answer>", "<note>", "</note>")
-_ASSETS = Path(__file__).resolve().parent / "assets" / "organism"
-_KIND_EVIDENCE = {"negated": "denied", "history": "history only", "family": "family history"}
-
-
-def default_organism_path() -> Path:
-    """The shipped checkpoint (``analyses/assets/organism``)."""
-    return _ASSETS
-
-
-# ------------------------------------------------------------------------------------------------
-# the trace teacher
-
-
-# Words that name no distinguishing modifier: a gold code decided only by these ("unspecified",
-# "other") is a residual code, and every more specific sibling must be checked and ruled out.
-_GENERIC_WORDS = frozenset("unspecified other specified elsewhere classified not of the and in to or a an by for as".split())
-# How many further siblings a residual code is checked against in phase 2 (beyond the listed one).
-MAX_EXTRA_CHECKS = 6
-PHASE2_MARKER = "Check "
-
-
-def label_mention(labels: LabelSpace, label_id: int) -> str:
-    """A code as the CoT names it: the code followed by its short description."""
-    return f"{labels.codes[label_id]} {short_description(labels.texts[label_id])}"
-
-
-def _ranked_siblings(row, labels: LabelSpace, gold: int) -> list[int]:
-    # The note records each gold code's siblings ranked by text similarity (closest first).
-    parent = labels.parents[gold]
-    near = [int(j) for j in row["near_miss"]] if "near_miss" in row and row["near_miss"] is not None else []
-    ranked = [j for j in near if parent is not None and labels.parents[j] == parent and j != gold]
-    contrast = next((int(e["contrast"]) for e in row["evidence"] if int(e["label_id"]) == gold), -1)
-    if contrast >= 0 and contrast not in ranked and labels.parents[contrast] == parent:
-        ranked.insert(0, contrast)
-    return ranked
-
-
-def teacher_trace(row, labels: LabelSpace, max_extra: int = MAX_EXTRA_CHECKS) -> str:
-    """The trace (text after the prompt's ``<think>\n``) for one generated note ``row``.
-
-    Phase 1 (shortlisting) walks the note's findings in order. A gold finding lists its code and
-    its closest sibling (code order, so position does not reveal gold); a negated or family-history
-    finding is ruled out at once; a past-history finding is listed for checking. Phase 2
-    (fine-grained) begins at the first ``Check`` and walks the findings again:
-
-    - a gold code whose evidence names a distinguishing modifier ("acute", "left") is kept on it;
-    - a residual gold code ("unspecified", "other") is checked against its listed sibling and up to
-      ``max_extra`` further siblings, each ruled out by the modifier it needs, and kept on the
-      quoted evidence;
-    - a past-history finding is dropped.
-
-    So phase-1 length grows with the findings and distractors, phase-2 length with how much
-    checking each gold code needs: the boundary's share of the CoT varies from note to note.
-    Every code carries its short description, as R1-style traces write it.
-    """
-    gold = [int(g) for g in row["gold"]]
-    gold_set = set(gold)
-    evidence = {int(e["label_id"]): e for e in row["evidence"]}
-    distractors = {int(d["label_id"]): d["kind"] for d in row["distractors"]}
-    findings = sorted([(int(a["start"]), int(a["label_id"])) for a in row["anchors"]] + [(int(d["start"]), int(d["label_id"])) for d in row["distractors"]])
-    findings += [(10**9, g) for g in gold if g not in {lab for _, lab in findings}]  # a gold without a span (never in generated notes)
-    mention = lambda c: label_mention(labels, c)  # noqa: E731
-    by_code = lambda ids: sorted(ids, key=lambda c: labels.codes[c])  # noqa: E731
-    phase1: list[str] = []
-    phase2: list[str] = []
-    used: set[int] = set(gold)
-    seen: set[int] = set()
-    for _, label in findings:
-        if label in seen:
-            continue
-        seen.add(label)
-        if label in gold_set:
-            ev = evidence[label]
-            ranked = [j for j in _ranked_siblings(row, labels, label) if j not in used]
-            group = by_code([label] + ranked[:1])
-            used.update(group)
-            phase1.append("Candidates: " + "; ".join(mention(c) for c in group) + ".")
-            explicit = [w for w in ev["decisive"] if w not in _GENERIC_WORDS]
-            phrase_words = set(normalize_text(ev["phrase"]).split())
-            if explicit or len(group) == 1 and not ranked[1:]:
-                why = " ".join(explicit[:3]) if explicit else f'"{ev["phrase"]}"'
-                phase2.append(f"{PHASE2_MARKER}{mention(label)}: {why} noted -> keep.")
-                continue
-            extra = ranked[1 : 1 + max_extra]
-            used.update(extra)
-            for c in by_code(group + extra):
-                if c == label:
-                    phase2.append(f'{PHASE2_MARKER}{mention(c)}: "{ev["phrase"]}" noted, nothing more specific -> keep.')
-                else:
-                    needs = [w for w in normalize_text(short_description(labels.texts[c])).split() if w not in phrase_words][:4] or ["more detail"]
-                    phase2.append(f"{PHASE2_MARKER}{mention(c)}: needs {' '.join(needs)}, not noted -> drop.")
-        elif label not in used:
-            used.add(label)
-            kind = distractors[label]
-            if kind == "history":
-                phase1.append(f"Candidates: {mention(label)}.")
-                phase2.append(f"{PHASE2_MARKER}{mention(label)}: history only, resolved -> drop.")
-            else:
-                phase1.append(f"Ruled out: {mention(label)} ({_KIND_EVIDENCE[kind]}).")
-    answer = ", ".join(labels.codes[c] for c in dict.fromkeys(label for _, label in findings) if c in gold_set)
-    return "\n".join(phase1 + phase2) + "\n</think>\n<answer>" + answer + "</answer>"
-
-
-def boundary_char(trace_text: str) -> int | None:
-    """Character index where checking begins (the true phase boundary), or None."""
-    at = trace_text.find(PHASE2_MARKER)
-    while at > 0 and trace_text[at - 1] != "\n":
-        at = trace_text.find(PHASE2_MARKER, at + 1)
-    return None if at < 0 else at
-
-
-def dictionary_corpus(labels: LabelSpace, repeats: int = 3) -> pd.DataFrame:
-    """One-finding mini-notes per label text variant, traced by the teacher: a cheap way to learn
-    each code, its short description and the siblings it is told apart from."""
-    from analyses.tasks.labels import text_variants as _variants
-    from analyses.tasks.notes import NoteGenerator
-
-    template = get_template("organism")
-    generator = NoteGenerator(labels)
-    variants = [_variants(labels.texts[i], labels.aliases[i]) for i in range(len(labels))]
-    owners: dict[str, int] = {}
-    for vs in variants:
-        for v in vs:
-            owners[normalize_text(v)] = owners.get(normalize_text(v), 0) + 1
-    prompts, traces = [], []
-    for i in range(len(labels)):
-        near, closest = generator.near_misses([i])
-        contrast = closest.get(i)
-        for phrase in (v for v in variants[i] if owners[normalize_text(v)] == 1):  # unambiguous only
-            phrase = lower_first(phrase)
-            prompt, _ = template.render(f"Presents with {phrase}.")
-            row = {
-                "gold": [i],
-                "near_miss": near,
-                "evidence": [{"label_id": i, "phrase": phrase, "contrast": -1 if contrast is None else contrast, "decisive": generator.decisive_words(i, contrast, phrase)}],
-                "anchors": [{"label_id": i, "start": len("Presents with "), "end": len("Presents with ") + len(phrase)}],
-                "distractors": [],
-            }
-            trace = teacher_trace(row, labels)
-            prompts += [prompt] * repeats
-            traces += [trace] * repeats
-    return pd.DataFrame({"doc_id": None, "split": "train", "prompt": prompts, "trace": traces})
-
-
-def build_corpus(docs: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
-    """Prompt text and teacher trace per note."""
-    template = get_template("organism")
-    prompts, traces = [], []
-    for _, row in docs.iterrows():
-        prompt, _ = template.render(row["text"])
-        prompts.append(prompt)
-        traces.append(teacher_trace(row, labels))
-    return pd.DataFrame({"doc_id": docs["doc_id"], "split": docs["split"], "prompt": prompts, "trace": traces})
-
-
-# ------------------------------------------------------------------------------------------------
-# tokenizer
-
-
-def train_tokenizer(texts, vocab_size: int = 3000, label_codes: list[str] | None = None):
-    """A byte-level BPE tokenizer trained on ``texts`` with the organism's special tokens.
-
-    ``label_codes`` become whole tokens (matched as single words only): each label is then one
-    output token, so the organism's label choice is one classification step, and the logit lens
-    and the label margin read one well-defined token per label.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        additional_special_tokens=list(SPECIAL_TOKENS[1:]),
-    )
-    fast.padding_side = "left"
-    if label_codes:
-        from tokenizers import AddedToken
-
-        fast.add_tokens([AddedToken(code, single_word=True, normalized=False) for code in label_codes])
-    return fast
-
-
-# ------------------------------------------------------------------------------------------------
-# training
+__all__ = ["OrganismConfig", "train_organism", "evaluate_organism", "organism_notes", "small_qwen3_config", "TRAINING_NOTE_SEED_OFFSET"]
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""Focus and Confusion curves per trace, their means with CIs, and their changes per phase."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from analyses.figures import ESTIMATOR_COLOURS, PALETTE, themed
+from analyses.results.base import FrameResult
+from analyses.tasks.metrics import bootstrap_ci
+
+__all__ = ["Dynamics"]
+
+
+class Dynamics(FrameResult):
+    """Per-trace curves and their mean with 95% CIs.
+
+    ``frame`` columns: ``doc_id`` (None on summary rows), ``t`` (normalised CoT position),
+    ``metric`` (``focus``/``confusion``), ``value``, ``ci_low``, ``ci_high`` (summary rows only).
+    """
+
+    REQUIRED = ("doc_id", "t", "metric", "value", "ci_low", "ci_high")
+
+    @property
+    def summary(self) -> pd.DataFrame:
+        return self.frame[self.frame["doc_id"].isna()].reset_index(drop=True)
+
+    def with_phase_changes(self, tau_norm: dict[str, float], source: str, n_boot: int = 1000, seed: int = 0) -> "Dynamics":
+        """A new result with each curve's change over each phase, paired per trace.
+
+        Per trace, ``{focus,confusion}_change_phase1`` = value at its own boundary τ minus value at
+        t = 0, and ``..._phase2`` = value at t = 1 minus value at τ (curves interpolated at τ);
+        summary rows (``doc_id`` None) hold the mean with a bootstrap CI over traces. ``source``
+        says where τ came from. Rows carry ``t`` = NaN.
+        """
+        curves = self.frame[self.frame["doc_id"].notna() & self.frame["metric"].isin(["focus", "confusion"])]
+        rows = []
+        per_metric: dict[str, list[float]] = {}
+        for (doc_id, metric), g in curves.groupby(["doc_id", "metric"], sort=True):
+            if doc_id not in tau_norm:
+                continue
+            g = g.sort_values("t")
+            t, v = g["t"].to_numpy(float), g["value"].to_numpy(float)
+            if not np.isfinite(v).all():
+                continue
+            at_tau = float(np.interp(tau_norm[doc_id], t, v))
+            for phase, change in (("phase1", at_tau - v[0]), ("phase2", v[-1] - at_tau)):
+                name = f"{metric}_change_{phase}"
+                rows.append((doc_id, np.nan, name, float(change), np.nan, np.nan))
+                per_metric.setdefault(name, []).append(float(change))
+        for name, values in per_metric.items():
+            mean, lo, hi = bootstrap_ci(np.asarray(values), n_boot=n_boot, seed=seed)
+            rows.append((None, np.nan, name, mean, lo, hi))
+        frame = pd.concat([self.frame[~self.frame["metric"].str.contains("_change_")], pd.DataFrame(rows, columns=self.frame.columns)], ignore_index=True)
+        meta = {**self.meta, "phase_changes": f"per trace, paired: value at its own boundary minus value at t=0 (phase 1), value at t=1 minus value at the boundary (phase 2); boundary from {source}; mean and bootstrap 95% CI over traces"}
+        return Dynamics(frame, meta)
+
+    def phase_changes(self) -> pd.DataFrame:
+        """Summary rows of the per-phase changes (empty before :meth:`with_phase_changes`)."""
+        s = self.summary
+        return s[s["metric"].str.contains("_change_")].reset_index(drop=True)
+
+    def figure(self, boundaries: dict[str, float] | None = None) -> go.Figure:
+        """Mean Focus and Confusion with CI bands; vertical lines at median boundary estimates."""
+        fig = go.Figure()
+        for colour, metric, name in ((PALETTE[0], "focus", "Focus (CoT vs note)"), (PALETTE[3], "confusion", "Confusion (CoT vs near-miss descriptions)")):
+            s = self.summary[self.summary["metric"] == metric].sort_values("t")
+            fig.add_trace(go.Scatter(x=list(s["t"]) + list(s["t"][::-1]), y=list(s["ci_high"]) + list(s["ci_low"][::-1]), fill="toself", fillcolor=colour, opacity=0.18, line=dict(width=0), showlegend=False, hoverinfo="skip"))
+            fig.add_trace(go.Scatter(x=s["t"], y=s["value"], mode="lines+markers", name=name, line=dict(color=colour, width=2.5)))
+        # Labels sit at staggered heights so close estimates stay legible.
+        for i, (estimator, tau) in enumerate((boundaries or {}).items()):
+            fig.add_vline(x=tau, line=dict(color=ESTIMATOR_COLOURS.get(estimator, "#777"), dash="dash"))
+            fig.add_annotation(x=tau, y=1.0 - 0.07 * i, yref="paper", text=f"τ {estimator} (median)", showarrow=False, xanchor="left", xshift=4, font=dict(color=ESTIMATOR_COLOURS.get(estimator, "#777"), size=12))
+        n = self.meta.get("n_traces", "?")
+        return themed(fig, f"Focus and Confusion across the chain of thought (n={n} traces, 95% CI)", "normalised CoT position t (0 = think open, 1 = think close)", "cosine similarity (MiniLM)")
