@@ -23,7 +23,7 @@ from analyses.parsing import Region
 from analyses.results.base import FrameResult
 from analyses.results.characterize import Attribution, HeadScores, LensResult, ProbeResults
 from analyses.tasks.metrics import bootstrap_ci
-from analyses.tasks.sources import Dataset
+from analyses.tasks.sources import Dataset, near_misses_of
 from probes.errors import input_error
 from probes.heads import anchor_direction, coarse_terms, margin_gradient, margin_pairs, refine_terms
 from probes.lens import lens_scores, readout_of
@@ -82,7 +82,7 @@ def compute_head_scores(store, bridge, traces: pd.DataFrame, docs: pd.DataFrame,
         anchors = [ids[i] for i in np.flatnonzero(regions == int(Region.ANCHOR))]
         doc = by_id.loc[doc_id]
         gold = [int(g) for g in doc["gold"]]
-        near = [int(n) for n in doc["near_miss"]] if "near_miss" in doc and doc["near_miss"] is not None else []
+        near = near_misses_of(doc)
         positions, final = store.read(doc_id, hook_name("resid_post", n_layers - 1))
         positions = positions.numpy()
         early = (positions >= cot_start) & (positions < boundary)
@@ -355,7 +355,7 @@ def compute_lens(store, bridge, traces, docs, labels, n_boot: int, seed: int) ->
     for trace in traces.itertuples(index=False):
         doc_id = str(trace.doc_id)
         doc = by_id.loc[doc_id]
-        near = [int(n) for n in doc["near_miss"]] if "near_miss" in doc and doc["near_miss"] is not None else []
+        near = near_misses_of(doc)
         tokens = []
         for a in trace.answer:
             pairs = margin_pairs(tokenizer, labels.codes, [int(a)], near)
@@ -455,10 +455,10 @@ def characterize(
     boundary.meta["n_boot"] = n_boot
     results["boundary"] = boundary
     timings["boundary"] = time.perf_counter() - t0
-    internal_tau = boundary.frame[boundary.frame["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
-    truth = {str(t.doc_id): int(t.true_boundary) for t in traces.itertuples(index=False) if not pd.isna(t.true_boundary)}
-    phase_tau = {doc: truth.get(doc, internal_tau[doc]) for doc in internal_tau}
-    tau_source = "the true boundary (known for every trace)" if len(truth) == len(internal_tau) else "the true boundary where known, else the internal estimate"
+    internal_tau = boundary.tau("internal")
+    phase_tau = boundary.tau("internal", prefer_truth=True)
+    known = int(boundary.frame[boundary.frame["estimator"] == "internal"]["true_token"].notna().sum())
+    tau_source = "the true boundary (known for every trace)" if known == len(internal_tau) else "the true boundary where known, else the internal estimate"
     lengths = {str(t.doc_id): (int(t.cot_start), max(int(t.cot_end) - int(t.cot_start), 1)) for t in traces.itertuples(index=False)}
     results["dynamics"] = dynamics.with_phase_changes({d: (tau - lengths[d][0]) / lengths[d][1] for d, tau in phase_tau.items()}, source=tau_source, n_boot=n_boot, seed=seed)
 

@@ -14,6 +14,7 @@ import pandas as pd
 from analyses.embed import embed_texts
 from analyses.results.dynamics import Dynamics
 from analyses.tasks.labels import LabelSpace
+from analyses.tasks.sources import near_misses_of
 from analyses.tasks.metrics import bootstrap_ci
 
 __all__ = ["Dynamics", "compute_dynamics", "dynamics_from_texts", "GRID"]
@@ -55,7 +56,7 @@ def compute_dynamics(
             doc_texts.append(" ".join(doc["text"][a["start"] : a["end"]] for a in doc["anchors"]))
         else:
             doc_texts.append(doc["text"])
-        near = list(doc["near_miss"]) if "near_miss" in doc and doc["near_miss"] is not None else []
+        near = near_misses_of(doc)
         near_texts.append([labels.texts[j] for j in near])
     return dynamics_from_texts(owners, prefixes, doc_texts, near_texts, grid, reference, n_boot, seed, progress)
 

@@ -30,8 +30,9 @@ import torch
 from analyses.io import Manifest, read_parquet
 from analyses.parsing import TraceParser
 from analyses.settings import IsolateSettings
+from analyses.results.boundary import Boundary
 from analyses.results.isolation import IsolationResult
-from analyses.tasks.sources import Dataset
+from analyses.tasks.sources import Dataset, near_misses_of
 from probes.errors import input_error
 
 __all__ = ["IsolationResult", "isolate_run", "shortlist_text", "continue_batch"]
@@ -53,9 +54,9 @@ CONDITIONS = {
 def shortlist_text(label_ids: list[int], labels) -> str:
     """The organism's phase-1 line for a candidate list (what injection writes in place of phase
     1): each code with its short description, as the organism writes them."""
-    from analyses.organism import label_mention
+    from analyses.organism.format import shortlist_line
 
-    return "Candidates: " + "; ".join(label_mention(labels, i) for i in label_ids) + ".\n"
+    return shortlist_line(labels, label_ids) + "\n"
 
 
 def continue_batch(hf_model, tokenizer, prefixes: list[list[int]], max_new_tokens: int, batch_size: int = 32) -> list[list[int]]:
@@ -111,8 +112,7 @@ def isolate_run(run_dir: str | Path, settings: IsolateSettings = IsolateSettings
         template = template or run_template(manifest)
     retriever_k, other_run, n_docs, n_boot, seed = settings.retriever_k, settings.other_run, settings.n_docs, settings.n_boot, settings.seed
     traces = read_parquet(run_dir / "traces.parquet")
-    boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))
-    tau = boundary[boundary["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
+    tau = Boundary.load(run_dir / "boundary.parquet").tau("internal")
     dataset = Dataset.load(run_dir)
     labels, by_id = dataset.labels, dataset.docs.set_index("doc_id")
     traces = traces[traces["well_formed"] & traces["doc_id"].isin(tau)]
@@ -147,7 +147,7 @@ def isolate_run(run_dir: str | Path, settings: IsolateSettings = IsolateSettings
             prefixes.setdefault(name, []).append(prompt + output[:cut] + close)
             shortlists.setdefault(name, []).append([m["label_id"] for m in t.mentions if int(m["token_start"]) < int(t.cot_start) + cut])
         doc = by_id.loc[t.doc_id]
-        oracle = sorted(gold[i]) + [int(n) for n in list(doc["near_miss"])[: len(gold[i])]]
+        oracle = sorted(gold[i]) + near_misses_of(doc)[: len(gold[i])]
         injections = {"oracle_shortlist+phase2": [oracle[j] for j in rng.permutation(len(oracle))], "retriever_shortlist+phase2": [int(x) for x in ret_idx[i, :retriever_k]], "own_shortlist+phase2": list(dict.fromkeys(t.shortlist))}
         if other is not None and t.doc_id in other:
             injections["other_shortlist+phase2"] = list(dict.fromkeys(int(x) for x in other[t.doc_id]))

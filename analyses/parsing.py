@@ -14,6 +14,7 @@ from enum import IntEnum
 
 import numpy as np
 
+from analyses.prompts import MARKERS
 from analyses.tasks.labels import LabelSpace, normalize_text, short_description, text_variants
 
 __all__ = ["Region", "Mention", "ParsedTrace", "TraceParser", "token_char_spans", "render_codes", "GROWTH_GRID"]
@@ -153,12 +154,12 @@ class TraceParser:
     def __init__(
         self,
         labels: LabelSpace,
-        think_close: str = "</think>",
-        answer_open: str = "<answer>",
-        answer_close: str = "</answer>",
+        think_close: str = MARKERS["think"]["think_close"],
+        answer_open: str = MARKERS["think"]["answer_open"],
+        answer_close: str = MARKERS["think"]["answer_close"],
         match_texts: bool = True,
         min_text_words: int = 2,
-        think_open: str | None = "<think>",
+        think_open: str | None = MARKERS["think"]["think_open"],
         tagless_answer: bool = False,
     ):
         """``think_open``: when the output itself opens the CoT with this marker (models whose chat

@@ -35,9 +35,10 @@ import torch
 
 from analyses.io import Manifest, read_parquet
 from analyses.parsing import Region, TraceParser
+from analyses.results.boundary import Boundary
 from analyses.results.patching import PatchingResult
 from analyses.settings import PatchSettings
-from analyses.tasks.sources import Dataset
+from analyses.tasks.sources import Dataset, near_misses_of
 from probes.errors import input_error
 from probes.patching import (
     HeadSet,
@@ -195,16 +196,15 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
     dev_scores_path = run_dir / "dev_head_scores.parquet"
     ranked_on = "dev" if dev_scores_path.exists() else "test"
     scores = read_parquet(dev_scores_path if ranked_on == "dev" else run_dir / "head_scores.parquet", required=("layer", "head", "score", "value", "rank"))
-    boundary = read_parquet(run_dir / "boundary.parquet", required=("doc_id", "estimator", "tau_token"))
+    boundary = Boundary.load(run_dir / "boundary.parquet")
     traces = read_parquet(run_dir / "traces.parquet")
     dataset = Dataset.load(run_dir)
     labels, by_id = dataset.labels, dataset.docs.set_index("doc_id")
     bridge = model if model is not None else load_model(model_path, device_map=settings.device_map)
     tok = bridge.tokenizer
     n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
-    tau = boundary[boundary["estimator"] == "internal"].set_index("doc_id")["tau_token"].to_dict()
-    truth = {str(t.doc_id): int(t.true_boundary) for t in traces.itertuples() if not pd.isna(t.true_boundary)}
-    phase_tau = {d: truth.get(d, int(t)) for d, t in tau.items()}
+    tau = boundary.tau("internal")
+    phase_tau = boundary.tau("internal", prefer_truth=True)
 
     # Traces to patch, each with a donor and read-out items.
     candidates = traces[traces["well_formed"] & traces["doc_id"].isin(tau)]
@@ -219,7 +219,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
             continue
         doc = by_id.loc[trace.doc_id]
         gold = [int(g) for g in doc["gold"] if int(g) in set(int(a) for a in trace.answer)]
-        near = [int(n) for n in doc["near_miss"]] if doc["near_miss"] is not None else []
+        near = near_misses_of(doc)
         ids = list(trace.prompt_ids) + list(trace.output_ids)
         readouts = answer_readouts(tok, labels, ids, np.asarray(trace.regions), gold, near)
         if not readouts["answer_logprob"]:

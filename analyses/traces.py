@@ -20,6 +20,7 @@ from analyses.organism import boundary_char, default_organism_path
 from analyses.parsing import TraceParser, token_char_spans
 from analyses.prompts import PromptTemplate, default_template, get_template
 from analyses.tasks.labels import LabelSpace
+from analyses.tasks.sources import near_misses_of
 from probes.distributed import barrier, rank_and_world, shard_for_rank
 from probes.errors import CtdInputError, input_error
 
@@ -123,7 +124,7 @@ def generate_traces(
             doc_anchors = doc["anchors"] if "anchors" in doc and doc["anchors"] is not None else []
             anchors = [(doc_span[0] + int(a["start"]), doc_span[0] + int(a["end"])) for a in doc_anchors]
             gold = [int(g) for g in doc["gold"]]
-            near = [int(x) for x in doc["near_miss"]] if "near_miss" in doc and doc["near_miss"] is not None else []
+            near = near_misses_of(doc)
             parsed = parser.parse(
                 tokenizer,
                 prompt_ids[i],

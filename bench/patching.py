@@ -40,7 +40,7 @@ def main() -> None:
 
     from analyses.io import Manifest
     from analyses.patch import READOUTS, _anchor_tokens, answer_readouts, corrupt_prompt
-    from analyses.tasks.sources import Dataset
+    from analyses.tasks.sources import Dataset, near_misses_of
     from probes.models import load_model
     from probes.patching import PatchInputs, TokenReadout, attribution_patching, head_sweep, normalised_effect
 
@@ -62,7 +62,7 @@ def main() -> None:
         doc = by_id.loc[t.doc_id]
         ids = list(t.prompt_ids) + list(t.output_ids)
         gold = [int(g) for g in doc["gold"] if int(g) in set(int(a) for a in t.answer)]
-        readouts = answer_readouts(tok, dataset.labels, ids, np.asarray(t.regions), gold, [int(n) for n in doc["near_miss"]])
+        readouts = answer_readouts(tok, dataset.labels, ids, np.asarray(t.regions), gold, near_misses_of(doc))
         if not readouts["answer_logprob"]:
             continue
         pool = [d for d in donors if d.doc_id != t.doc_id and not set(map(int, doc["gold"])) & set(map(int, by_id.loc[d.doc_id]["gold"]))]

@@ -237,7 +237,7 @@ def _capture_local(bridge, requests: list[CaptureRequest], root: Path, config: C
                 for what, tensor in reduced.items():
                     gathered[REDUCTIONS[what][0].format(layer=layer)] = tensor.to("cpu", torch.float32)
 
-            hooks += [(f"blocks.{layer}.attn.hook_v", v_hook), (f"blocks.{layer}.attn.hook_pattern", pattern_hook)]
+            hooks += [(hook_name("v", layer), v_hook), (hook_name("pattern", layer), pattern_hook)]
         for layer in sorted({l for l, _ in config.pattern_heads}):
             heads_here = [h for l, h in config.pattern_heads if l == layer]
 
@@ -248,7 +248,7 @@ def _capture_local(bridge, requests: list[CaptureRequest], root: Path, config: C
 
             hooks.append((hook_name("pattern", layer), rows_hook))
         if last_block is not None:
-            hooks.append((f"blocks.{last_block}.hook_resid_post", _stop_forward))
+            hooks.append((hook_name("resid_post", last_block), _stop_forward))
 
         with torch.no_grad():
             bridge.run_with_hooks(

@@ -239,14 +239,16 @@ def _has_sinks(bridge) -> bool:
 
 def _validate_bridge(bridge, tokenizer, path: Path) -> None:
     names = set(bridge.hook_dict)
-    needed = [f"blocks.{layer}.{point}" for layer in range(bridge.cfg.n_layers) for point in ("hook_resid_post", "attn.hook_pattern", "attn.hook_z")]
+    from probes.points import hook_name
+
+    needed = [hook_name(key, layer) for layer in range(bridge.cfg.n_layers) for key in ("resid_post", "pattern", "z")]
     missing = [n for n in needed if n not in names]
     if missing:
         raise CtdError(f"{path}: the bridge lacks hooks {missing[:3]}...; this architecture is not readable with eager attention")
     ids = torch.tensor([tokenizer.encode("Assessment: chronic heart failure.", add_special_tokens=False)[:16]], device=bridge.cfg.device)
     patterns = []
     with torch.no_grad():
-        bridge.run_with_hooks(ids, fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: patterns.append(t.detach()))])
+        bridge.run_with_hooks(ids, fwd_hooks=[(hook_name("pattern", 0), lambda t, hook: patterns.append(t.detach()))])
     if not patterns:
         raise CtdError(f"{path}: attention pattern hook never fired; eager attention is required")
     sums = patterns[0].float().sum(-1)

@@ -11,6 +11,7 @@ import pandas as pd
 import torch
 
 from analyses.parsing import Region
+from analyses.tasks.sources import near_misses_of
 
 __all__ = ["Example", "build_examples", "collate", "choose_training_notes", "capture_teacher_rows", "load_teacher_rows", "TEACHER_STORE"]
 
@@ -45,7 +46,7 @@ def build_examples(traces: pd.DataFrame, docs: pd.DataFrame, labels, tokenizer, 
         anchors = [int(ids[i]) for i in np.flatnonzero(regions == int(Region.ANCHOR))]
         doc = by_id.loc[t.doc_id]
         gold = [int(g) for g in doc["gold"]]
-        near = [int(n) for n in doc["near_miss"]] if doc["near_miss"] is not None else []
+        near = near_misses_of(doc)
         pairs = margin_pairs(tokenizer, labels.codes, gold, near)
         out.append(Example(str(t.doc_id), ids, len(t.prompt_ids), int(t.cot_start), int(t.cot_end), int(tau.get(t.doc_id, (int(t.cot_start) + int(t.cot_end)) // 2)), regions, anchors, pairs, gold, near))
     return out

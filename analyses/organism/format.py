@@ -22,7 +22,7 @@ import pandas as pd
 from analyses.prompts import get_template
 from analyses.tasks.labels import LabelSpace, lower_first, normalize_text, short_description
 
-__all__ = ["teacher_trace", "label_mention", "boundary_char", "dictionary_corpus", "build_corpus", "default_organism_path", "ORGANISM_LABEL_CHAPTERS", "SPECIAL_TOKENS", "PHASE2_MARKER"]
+__all__ = ["teacher_trace", "label_mention", "boundary_char", "dictionary_corpus", "build_corpus", "default_organism_path", "shortlist_line", "ORGANISM_LABEL_CHAPTERS", "SPECIAL_TOKENS", "PHASE2_MARKER"]
 
 ORGANISM_LABEL_CHAPTERS = ("9",)
 SPECIAL_TOKENS = ("<|endoftext|>", "<think>", "</think>", "<answer>", "</answer>", "<note>", "</note>")
@@ -102,7 +102,7 @@ def teacher_trace(row, labels: LabelSpace, max_extra: int = MAX_EXTRA_CHECKS) ->
             ranked = [j for j in _ranked_siblings(row, labels, label) if j not in used]
             group = by_code([label] + ranked[:1])
             used.update(group)
-            phase1.append("Candidates: " + "; ".join(mention(c) for c in group) + ".")
+            phase1.append(shortlist_line(labels, group))
             explicit = [w for w in ev["decisive"] if w not in _GENERIC_WORDS]
             phrase_words = set(normalize_text(ev["phrase"]).split())
             if explicit or len(group) == 1 and not ranked[1:]:
@@ -121,12 +121,18 @@ def teacher_trace(row, labels: LabelSpace, max_extra: int = MAX_EXTRA_CHECKS) ->
             used.add(label)
             kind = distractors[label]
             if kind == "history":
-                phase1.append(f"Candidates: {mention(label)}.")
+                phase1.append(shortlist_line(labels, [label]))
                 phase2.append(f"{PHASE2_MARKER}{mention(label)}: history only, resolved -> drop.")
             else:
                 phase1.append(f"Ruled out: {mention(label)} ({_KIND_EVIDENCE[kind]}).")
     answer = ", ".join(labels.codes[c] for c in dict.fromkeys(label for _, label in findings) if c in gold_set)
-    return "\n".join(phase1 + phase2) + "\n</think>\n<answer>" + answer + "</answer>"
+    t = get_template("organism")
+    return "\n".join(phase1 + phase2) + f"\n{t.think_close}\n{t.answer_open}" + answer + t.answer_close
+
+
+def shortlist_line(labels: LabelSpace, label_ids) -> str:
+    """A phase-1 line listing candidates, as the organism writes one."""
+    return "Candidates: " + "; ".join(label_mention(labels, c) for c in label_ids) + "."
 
 
 def boundary_char(trace_text: str) -> int | None:

@@ -19,6 +19,14 @@ class Boundary(FrameResult):
 
     REQUIRED = ("doc_id", "estimator", "tau_token", "tau_norm", "true_token", "abs_error_tokens")
 
+    def tau(self, estimator: str = "internal", prefer_truth: bool = False) -> dict[str, int]:
+        """Per trace, ``estimator``'s boundary token (``prefer_truth``: the true boundary where known)."""
+        f = self.frame[self.frame["estimator"] == estimator]
+        tau = {str(d): int(t) for d, t in zip(f["doc_id"], f["tau_token"])}
+        if prefer_truth:
+            tau.update({str(d): int(t) for d, t in zip(f["doc_id"], f["true_token"]) if not pd.isna(t)})
+        return tau
+
     def medians(self) -> dict[str, float]:
         return self.frame.groupby("estimator")["tau_norm"].median().to_dict()
 

@@ -55,6 +55,13 @@ class Dataset:
         if bad:
             raise input_error(f"dataset {self.name}", f"unknown split(s) {sorted(bad)}", f"use {SPLITS}")
 
+    def near_misses(self, doc_id: str) -> list[int]:
+        """The document's near-miss labels N(x) (empty when the source records none)."""
+        rows = self.docs[self.docs["doc_id"] == doc_id]
+        if rows.empty:
+            raise input_error(f"dataset {self.name}", f"no document {doc_id!r}", "use a doc_id from this dataset's docs")
+        return near_misses_of(rows.iloc[0])
+
     def split(self, name: str) -> pd.DataFrame:
         return self.docs[self.docs["split"] == name].reset_index(drop=True)
 
@@ -105,6 +112,12 @@ class Dataset:
 
             filters = {k: np.asarray(v, dtype=np.int64).reshape(-1, 2) for k, v in read_json(run_dir / "filters.json").items()}
         return cls(name=info.pop("name", "unknown"), labels=labels, docs=docs, filters=filters, info=info)
+
+
+def near_misses_of(doc) -> list[int]:
+    """A document row's near-miss label ids (a pandas row or a dict; empty when not recorded)."""
+    value = doc["near_miss"] if "near_miss" in doc else None
+    return [] if value is None else [int(n) for n in value]
 
 
 def _label_ids(path: Path, column: str, row: int, value, n_labels: int) -> list[int]:

@@ -114,7 +114,6 @@ def test_coarse_and_refine_scores_find_the_right_heads():
 
 
 def test_margin_gradient_matches_finite_differences():
-    m = _one_layer_model(1)
     g = torch.Generator().manual_seed(3)
     w_u = torch.randn(8, 10, generator=g, dtype=torch.float64)
     readout = lambda r: r @ w_u.float()  # noqa: E731

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from analyses.tasks.icd10 import icd10cm_labels, icd10cm_listing_count

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from analyses.organism import boundary_char, build_corpus, teacher_trace, train_tokenizer
+from analyses.organism import boundary_char, teacher_trace, train_tokenizer
 from analyses.tasks.labels import short_description
 from analyses.parsing import GROWTH_GRID, Region, TraceParser, token_char_spans
 from analyses.prompts import get_template
