@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     traces.set_defaults(func=_cmd_traces)
 
     cap = sub.add_parser("capture", help="replay a run's traces and store activations and attention statistics")
-    cap.add_argument("--run", required=True, help="run directory with traces.parquet")
+    cap.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory with traces.parquet (spell it --run-dir under torchrun, whose own --run-path takes --run)")
     cap.add_argument("--points", nargs="+", help="points: keys (resid_post = every layer), KEY@LAYER, or hook names (default resid_post head_out)")
     cap.add_argument("--positions", choices=["output", "cot", "mentions", "all"])
     cap.add_argument("--attention-layers", help="layers whose attention is reduced: all, none or 0,1,...")
@@ -328,7 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.set_defaults(func=_cmd_capture)
 
     char = sub.add_parser("characterize", help="dynamics, boundary, head scores, attribution, probes and logit lens")
-    char.add_argument("--run", required=True, help="run directory with traces and activations")
+    char.add_argument("--run", "--run-dir", dest="run", required=True, help="run directory with traces and activations")
     char.add_argument("--n-boot", type=int, help="bootstrap draws for CIs")
     char.add_argument("--seed", type=int)
     char.add_argument("--tune-boundary", action="store_true", help="choose the internal boundary estimator's settings on the run's dev traces (writes boundary_tuning.parquet)")
@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     char.set_defaults(func=_cmd_characterize)
 
     patch = sub.add_parser("patch", help="every head's causal effect (sweep and attribution) and whether the phase scores find the causal heads")
-    patch.add_argument("--run", required=True)
+    patch.add_argument("--run", "--run-dir", dest="run", required=True)
     patch.add_argument("--n-docs", type=int, help="test traces patched (default 40)")
     patch.add_argument("--n-random", type=int, help="seeded draws of k random heads (outside the ranked top k)")
     patch.add_argument("--what", choices=["z", "pattern"], help="patch head outputs (hook_z, default) or attention patterns")
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     patch.set_defaults(func=_cmd_patch)
 
     iso = sub.add_parser("isolate", help="truncation, shortlist injection, retriever baselines and complementarity")
-    iso.add_argument("--run", required=True)
+    iso.add_argument("--run", "--run-dir", dest="run", required=True)
     iso.add_argument("--retriever-k", type=int)
     iso.add_argument("--other-run", help="another run directory whose shortlists are injected (other_shortlist+phase2)")
     iso.add_argument("--n-docs", type=int)
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     iso.set_defaults(func=_cmd_isolate)
 
     dist = sub.add_parser("distill", help="standard vs mechanistic distillation from the student base, with ablations")
-    dist.add_argument("--run", required=True)
+    dist.add_argument("--run", "--run-dir", dest="run", required=True)
     dist.add_argument("--quick", action="store_true", help="two conditions, few notes and steps (a smoke test)")
     dist.add_argument("--pilot", action="store_true", help="the learning-curve pilot on dev notes that chooses the default steps (writes distill_pilot.parquet)")
     dist.add_argument("--steps", type=int)
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.set_defaults(func=_cmd_distill)
 
     rep = sub.add_parser("report", help="figures (HTML, PNG) and report.html of a run")
-    rep.add_argument("--run", required=True)
+    rep.add_argument("--run", "--run-dir", dest="run", required=True)
     _common(rep)
     rep.set_defaults(func=_cmd_report)
 

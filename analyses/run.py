@@ -18,16 +18,16 @@ __all__ = ["Run", "open_run"]
 
 # attribute -> (file, result class path, the command that writes it)
 _RESULTS = {
-    "boundary": ("boundary.parquet", "analyses.boundary:Boundary", "ctd characterize --run {run}"),
-    "dynamics": ("dynamics.parquet", "analyses.dynamics:Dynamics", "ctd characterize --run {run}"),
-    "head_scores": ("head_scores.parquet", "analyses.characterize:HeadScores", "ctd characterize --run {run}"),
-    "dev_head_scores": ("dev_head_scores.parquet", "analyses.characterize:HeadScores", "ctd characterize --run {run} (with dev traces)"),
-    "attribution": ("attribution.parquet", "analyses.characterize:Attribution", "ctd characterize --run {run}"),
-    "probes": ("probes.parquet", "analyses.characterize:ProbeResults", "ctd characterize --run {run}"),
-    "lens": ("lens.parquet", "analyses.characterize:LensResult", "ctd characterize --run {run}"),
-    "patching": ("patching.parquet", "analyses.patch:PatchingResult", "ctd patch --run {run}"),
-    "isolation": ("isolation.parquet", "analyses.isolate:IsolationResult", "ctd isolate --run {run}"),
-    "distill": ("distill.parquet", "analyses.distill.result:DistillResult", "ctd distill --run {run}"),
+    "boundary": ("boundary.parquet", "analyses.results:Boundary", "ctd characterize --run {run}"),
+    "dynamics": ("dynamics.parquet", "analyses.results:Dynamics", "ctd characterize --run {run}"),
+    "head_scores": ("head_scores.parquet", "analyses.results:HeadScores", "ctd characterize --run {run}"),
+    "dev_head_scores": ("dev_head_scores.parquet", "analyses.results:HeadScores", "ctd characterize --run {run} (with dev traces)"),
+    "attribution": ("attribution.parquet", "analyses.results:Attribution", "ctd characterize --run {run}"),
+    "probes": ("probes.parquet", "analyses.results:ProbeResults", "ctd characterize --run {run}"),
+    "lens": ("lens.parquet", "analyses.results:LensResult", "ctd characterize --run {run}"),
+    "patching": ("patching.parquet", "analyses.results:PatchingResult", "ctd patch --run {run}"),
+    "isolation": ("isolation.parquet", "analyses.results:IsolationResult", "ctd isolate --run {run}"),
+    "distill": ("distill.parquet", "analyses.results:DistillResult", "ctd distill --run {run}"),
 }
 
 

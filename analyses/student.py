@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 
 from analyses.tasks.labels import LabelSpace, lower_first, short_description, text_variants
-from probes.errors import CtdNumericalError, input_error
+from analyses.lm_training import checked_step, cosine_lr, encode_examples, right_padded_batch
+from probes.errors import input_error
 
 __all__ = ["StudentBaseConfig", "student_base_corpus", "train_student_base", "default_student_base_path", "evaluate_student_base"]
 
@@ -91,26 +92,8 @@ def student_base_corpus(labels: LabelSpace, notes: pd.DataFrame, dictionary_repe
     return [texts[i] for i in order]
 
 
-def _encode(texts: list[str], tokenizer, max_positions: int) -> list[np.ndarray]:
-    eos = tokenizer.eos_token_id
-    out = []
-    for text in texts:
-        ids = tokenizer.encode(text, add_special_tokens=False) + [eos]
-        if len(ids) <= max_positions:
-            out.append(np.asarray(ids, dtype=np.int64))
-    return out
-
-
-def _batch(examples: list[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    width = max(len(e) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, e in enumerate(examples):
-        ids[i, : len(e)] = torch.from_numpy(e)
-        mask[i, : len(e)] = 1
-        labels[i, : len(e)] = torch.from_numpy(e)
-    return ids, mask, labels
+def _encode(texts: list[str], tokenizer, max_positions: int) -> list[tuple[np.ndarray, int]]:
+    return encode_examples((("", t) for t in texts), tokenizer, max_positions)
 
 
 def _notes(config: StudentBaseConfig, labels: LabelSpace) -> pd.DataFrame:
@@ -128,7 +111,7 @@ def heldout_perplexity(model, tokenizer, texts: list[str], batch_size: int = 32)
     model.eval()
     with torch.no_grad():
         for b in range(0, len(examples), batch_size):
-            ids, mask, labels = _batch(examples[b : b + batch_size], tokenizer.pad_token_id)
+            ids, mask, labels = right_padded_batch(examples[b : b + batch_size], tokenizer.pad_token_id)
             logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
             target = labels[:, 1:]
             keep = target != -100
@@ -188,7 +171,7 @@ def train_student_base(out: str | Path, teacher_dir: str | Path | None = None, c
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98))
     rng = np.random.default_rng(config.seed)
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]))  # length buckets: little padding
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i][0]))  # length buckets: little padding
     batches = [order[b : b + config.batch_size] for b in range(0, len(order), config.batch_size)]
     losses, step = [], 0
     bar = tqdm(total=config.max_steps, desc="student base", disable=not progress, file=sys.stderr)
@@ -198,22 +181,13 @@ def train_student_base(out: str | Path, teacher_dir: str | Path | None = None, c
             elapsed = time.perf_counter() - started
             if step >= config.max_steps or elapsed > config.time_budget_s:
                 break
-            if step < config.warmup_steps:
-                lr = config.lr * (step + 1) / config.warmup_steps
-            else:
-                frac = min(1.0, max((step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps), elapsed / config.time_budget_s))
-                lr = config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+            lr = cosine_lr(step, elapsed, config.lr, config.warmup_steps, config.max_steps, config.time_budget_s)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            ids, mask, target = _batch([examples[i] for i in batches[j]], tokenizer.pad_token_id)
+            ids, mask, target = right_padded_batch([examples[i] for i in batches[j]], tokenizer.pad_token_id)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
                 loss = model(input_ids=ids, attention_mask=mask, labels=target).loss
-            if not torch.isfinite(loss):
-                raise CtdNumericalError(f"student base training: loss is {loss.item()} at step {step}; lower lr (now {lr:.2e})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
+            checked_step(model, optimizer, loss, f"student base training, step {step}")
             losses.append((step, loss.item(), time.perf_counter() - started))
             step += 1
             bar.update(1)

@@ -14,7 +14,7 @@ import torch
 
 from analyses.distill.data import collate
 from analyses.distill.losses import TERMS, forward_with_heads, mechanistic_loss, next_token_loss
-from probes.errors import CtdNumericalError
+from analyses.lm_training import checked_step
 
 __all__ = ["CONDITIONS", "train_student", "load_student_base"]
 
@@ -104,12 +104,7 @@ def train_student(
             hidden = student.model(input_ids=ids, attention_mask=mask).last_hidden_state
             ce = next_token_loss(student, hidden, labels)
             parts, loss = {}, ce
-        if not torch.isfinite(loss):
-            raise CtdNumericalError(f"distill {condition} seed {seed}: loss is {loss.item()} at step {step}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
+        checked_step(student, optimizer, loss, f"distill {condition} seed {seed}, step {step}")
         trained += time.perf_counter() - started
         curve.append({"step": step + 1, "loss": loss.item(), "ce": ce.item(), "seconds": trained, **parts})
         if on_checkpoint is not None and step + 1 in checkpoints:

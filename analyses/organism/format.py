@@ -25,7 +25,9 @@ from analyses.tasks.labels import LabelSpace, lower_first, normalize_text, short
 __all__ = ["teacher_trace", "label_mention", "boundary_char", "dictionary_corpus", "build_corpus", "default_organism_path", "shortlist_line", "ORGANISM_LABEL_CHAPTERS", "SPECIAL_TOKENS", "PHASE2_MARKER"]
 
 ORGANISM_LABEL_CHAPTERS = ("9",)
-SPECIAL_TOKENS = ("<|endoftext|>", "<think>", "</think>", "<answer>", "</answer>", "<note>", "</note>")
+_TEMPLATE = get_template("organism")
+# Whole tokens: the end of text, the template's reasoning markers, and the note tags of its body.
+SPECIAL_TOKENS = ("<|endoftext|>", _TEMPLATE.think_open, _TEMPLATE.think_close, _TEMPLATE.answer_open, _TEMPLATE.answer_close, "<note>", "</note>")
 _ASSETS = Path(__file__).resolve().parents[1] / "assets" / "organism"
 _KIND_EVIDENCE = {"negated": "denied", "history": "history only", "family": "family history"}
 

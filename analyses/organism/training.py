@@ -8,7 +8,6 @@ was trained and what it reaches.
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import sys
 import time
@@ -22,7 +21,8 @@ import torch
 from analyses.organism.format import ORGANISM_LABEL_CHAPTERS, build_corpus, dictionary_corpus
 from analyses.organism.tokenizer import train_tokenizer
 from analyses.tasks.labels import LabelSpace
-from probes.errors import CtdNumericalError, input_error
+from analyses.lm_training import checked_step, cosine_lr, encode_examples, right_padded_batch
+from probes.errors import input_error
 
 __all__ = ["OrganismConfig", "train_organism", "evaluate_organism", "organism_notes", "small_qwen3_config", "TRAINING_NOTE_SEED_OFFSET"]
 
@@ -78,31 +78,6 @@ class OrganismConfig:
             time_budget_s=4 * 60,
             quick=True,
         )
-
-
-def _encode_corpus(corpus: pd.DataFrame, tokenizer, max_positions: int) -> list[tuple[np.ndarray, int]]:
-    eos = tokenizer.eos_token_id
-    out = []
-    for prompt, trace in zip(corpus["prompt"], corpus["trace"]):
-        p = tokenizer.encode(prompt, add_special_tokens=False)
-        t = tokenizer.encode(trace, add_special_tokens=False) + [eos]
-        ids = np.asarray(p + t, dtype=np.int64)
-        if len(ids) <= max_positions:
-            out.append((ids, len(p)))
-    return out
-
-
-def _batch(examples: list[tuple[np.ndarray, int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    # Right padding for training (no generation here); loss only on trace tokens.
-    length = max(len(ids) for ids, _ in examples)
-    input_ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), -100, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for i, (ids, n_prompt) in enumerate(examples):
-        input_ids[i, : len(ids)] = torch.from_numpy(ids)
-        mask[i, : len(ids)] = 1
-        labels[i, n_prompt : len(ids)] = torch.from_numpy(ids[n_prompt:])
-    return input_ids, mask, labels
 
 
 def _weighted_loss(logits: torch.Tensor, target: torch.Tensor, code_ids: torch.Tensor, code_weight: float) -> torch.Tensor:
@@ -165,7 +140,8 @@ def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), p
     corpus = build_corpus(docs, labels)
     train_corpus = corpus[corpus["split"] == "train"]
     tokenizer = train_tokenizer(list(train_corpus["prompt"] + train_corpus["trace"]) + labels.texts, vocab_size=config.vocab_size, label_codes=labels.codes)
-    examples = _encode_corpus(pd.concat([train_corpus, dictionary_corpus(labels, config.dictionary_repeats)]), tokenizer, config.max_positions)
+    sequences = pd.concat([train_corpus, dictionary_corpus(labels, config.dictionary_repeats)])
+    examples = encode_examples(zip(sequences["prompt"], sequences["trace"]), tokenizer, config.max_positions)
     if not examples:
         raise input_error(None, "no training sequence fits max_positions", "raise max_positions")
     model = Qwen3ForCausalLM(small_qwen3_config(tokenizer, len(tokenizer), config.d_model, config.n_layers, config.n_heads, config.n_kv_heads, config.d_mlp, config.max_positions))
@@ -178,15 +154,6 @@ def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), p
         lr=config.lr,
         betas=(0.9, 0.98),
     )
-
-    def lr_at(step: int, elapsed: float) -> float:
-        if step < config.warmup_steps:
-            return config.lr * (step + 1) / config.warmup_steps
-        # Cosine decay over whichever runs out first, steps or the time budget, so a slower
-        # machine still ends training at a low learning rate.
-        by_steps = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
-        progress_frac = min(1.0, max(by_steps, elapsed / config.time_budget_s))
-        return config.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress_frac)))
 
     rng = np.random.default_rng(config.seed)
     # Length-bucketed batches: sort a shuffled pool by length so padding stays small.
@@ -203,19 +170,14 @@ def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), p
                 batches = [[examples[i] for i in idx[b : b + config.batch_size]] for b in range(0, len(idx), config.batch_size)]
                 pool.extend(batches[j] for j in rng.permutation(len(batches)))
             pool.reverse()
-        input_ids, mask, target = _batch(pool.pop(), tokenizer.pad_token_id)
-        lr = lr_at(step, time.perf_counter() - started)
+        input_ids, mask, target = right_padded_batch(pool.pop(), tokenizer.pad_token_id)
+        lr = cosine_lr(step, time.perf_counter() - started, config.lr, config.warmup_steps, config.max_steps, config.time_budget_s)
         for group in optimizer.param_groups:
             group["lr"] = lr
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.bf16_autocast):
             logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1]
         loss = _weighted_loss(logits, target[:, 1:], code_ids, config.code_loss_weight)
-        if not torch.isfinite(loss):
-            raise CtdNumericalError(f"organism training: loss is {loss.item()} at step {step}; lower lr (now {lr:.2e})")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        checked_step(model, optimizer, loss, f"organism training, step {step}")
         elapsed = time.perf_counter() - started
         losses.append((step, loss.item(), elapsed))
         step += 1

@@ -45,8 +45,12 @@ def test_every_probe_cell_has_its_baselines_or_says_why_not(organism_run):
     # phase cells hold both classes by construction (buckets by distance to each trace's boundary)
     phase = f[f["target"] == "phase"]
     assert (phase["status"] == "fitted").all()
-    # probes read more than a control task of the same form does (selectivity), on most phase cells
-    assert (phase["selectivity"] > 0.05).mean() >= 0.75
+    # Past the first block (layer 0 is little more than the token's identity, and its control task
+    # says so), phase probes read more than a control task of the same form (selectivity) and more
+    # than the current and previous tokens tell, with the CI above zero, on most cells.
+    mixed = phase[phase["layer"] >= 1]
+    assert (mixed["selectivity"] > 0.05).mean() >= 0.75
+    assert (mixed["minus_tokens_ci_low"] > 0).mean() >= 0.75
     assert ((fitted["minus_tokens_ci_low"] <= fitted["minus_tokens"]) & (fitted["minus_tokens"] <= fitted["minus_tokens_ci_high"])).all()
 
 

@@ -38,7 +38,7 @@ def runs(tmp_path_factory, tiny_models):
         common = ["--out", str(run), "--model", str(tiny_models["qwen3"]), "--template", "organism", "--n-docs", "7", "--n-dev-docs", "0", "--batch-size", "1", "--max-new-tokens", "12", "--opt", "n_docs=120"]
         proc = runner("traces", *common, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
-        proc = runner("capture", "--run", str(run), "--batch-size", "1", "--dtype", "float32", "--points", "resid_post", "head_out", cwd=ROOT)
+        proc = runner("capture", "--run-dir", str(run), "--batch-size", "1", "--dtype", "float32", "--points", "resid_post", "head_out", cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[name] = run
     return out
@@ -89,7 +89,7 @@ def test_a_rank_that_died_is_resumed_by_rerunning_the_same_command(runs, tmp_pat
     manifest = json.loads((run / "manifest.json").read_text())
     manifest["stages"]["capture"]["status"] = "running"
     (run / "manifest.json").write_text(json.dumps(manifest))
-    proc = _torchrun("capture", "--run", str(run), "--batch-size", "1", "--dtype", "float32", "--points", "resid_post", "head_out", cwd=ROOT)
+    proc = _torchrun("capture", "--run-dir", str(run), "--batch-size", "1", "--dtype", "float32", "--points", "resid_post", "head_out", cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert {p.name: p.stat().st_mtime_ns for p in (store / "rank-0").glob("shard-*")} == untouched  # rank 0's finished work kept
     resumed, reference = _store_content(run), _store_content(runs["single"])
