@@ -6,13 +6,16 @@
   matches any estimator).
 - ``behavioural``: one change point (ruptures) of the per-token shortlist-growth curve together
   with the Focus and Confusion curves.
-- ``internal``: one change point of a per-token multichannel signal read from the model's internals:
-  per layer, where its heads look: the attention mass sent to the document, to the model's own
-  output so far (the CoT and its label mentions) and to the prompt's scaffolding (optionally also
-  the sharpness of attention over the document and principal components of the final residual
-  stream). It never sees the true boundary, nor any token or phrase that marks it: the same code
-  runs on models whose trace format nobody knows. Its channels and smoothing are chosen on dev
-  traces by :func:`tune_internal` (``ctd characterize --run R --tune-boundary``).
+- ``internal``: one change point of a per-token signal read from the model's internals. By default
+  (``channels="probe"``) the signal is a phase probe's output: a logistic regression on the heads'
+  attention statistics per CoT token (per head, the mass sent to the prompt, the document, the CoT
+  and its label mentions, and the log kurtosis over document keys), fitted on dev traces with a
+  known boundary and applied to test traces it never saw. The unsupervised alternatives
+  (``regions``, ``document``, ``all``: per layer, the mean attention mass to each region) fit
+  nothing. Either way the estimator never sees a test trace's true boundary, nor any token or
+  phrase that marks it: the same code runs on models whose trace format nobody knows. Channels,
+  smoothing and C are chosen on dev traces by :func:`tune_internal` (``ctd characterize --run R
+  --tune-boundary``, cross-fitted, written to ``boundary_tuning.parquet``).
 """
 
 from __future__ import annotations
@@ -225,6 +228,13 @@ def _internal(trace, store=None, layers=None, pca=None, min_size=3, internal=Int
     return change_point(signal, min_size=min_size, smooth=smooth)
 
 
+@register_estimator("internal_unsupervised")
+def _internal_unsupervised(trace, store=None, layers=None, pca=None, min_size=3, internal=InternalSettings(), **_) -> int:
+    # What the internal estimator does without a fitted probe: unsupervised channels only.
+    unsupervised = InternalSettings(channels=internal.unsupervised_channels, smoothing=internal.unsupervised_smoothing)
+    return _internal(trace, store=store, layers=layers, pca=pca, min_size=min_size, internal=unsupervised)
+
+
 def fit_constant_share(dev_traces: pd.DataFrame, grid: np.ndarray = np.linspace(0.0, 1.0, 201)) -> float | None:
     """The share of the CoT whose median absolute error over ``dev_traces`` is smallest (the
     metric every estimator is scored on); None when no dev trace has a known boundary."""
@@ -238,7 +248,10 @@ def fit_constant_share(dev_traces: pd.DataFrame, grid: np.ndarray = np.linspace(
     return float(grid[best[np.argmin(np.abs(grid[best] - np.median(share)))]])
 
 
-def estimate_boundaries(traces: pd.DataFrame, estimators=("fixed", "constant", "behavioural", "internal"), progress: bool = False, **context) -> Boundary:
+DEFAULT_ESTIMATORS = ("fixed", "constant", "behavioural", "internal", "internal_unsupervised")
+
+
+def estimate_boundaries(traces: pd.DataFrame, estimators=DEFAULT_ESTIMATORS, progress: bool = False, **context) -> Boundary:
     """Run each estimator on each trace; ``context`` passes what they need (store, dynamics,
     ``constant_share``, ``internal`` settings, ...). An estimator that cannot run (``constant``
     without dev truth) returns None and gets no rows; the meta says why."""
@@ -278,6 +291,7 @@ def estimate_boundaries(traces: pd.DataFrame, estimators=("fixed", "constant", "
         "not_run": skipped,
         "change_point": "exact least-squares single break on standardised channels (equal to ruptures Dynp, l2 cost, 1 break; parity-tested)",
         "internal": {"channels": used, "smoothing_fraction_of_cot": internal.smoothing, "C": internal.C},
+        "internal_unsupervised": {"channels": internal.unsupervised_channels, "smoothing_fraction_of_cot": internal.unsupervised_smoothing, "fitted": "nothing"},
     }
     if probe is not None and internal.channels == "probe":
         meta["internal"]["probe"] = f"logistic regression (C={internal.C}) on each head's attention mass to prompt, document, CoT and label mentions and its document kurtosis, {len(probe.layers)} layers; fitted on {probe.n_traces} dev traces; the estimated trace's truth, text and tokens are never read"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -450,7 +449,6 @@ def characterize(
     dev_in_store = dev is not None and len(dev) and set(dev["doc_id"].astype(str)) <= set(store.doc_ids)
     probe = fit_phase_probe(dev, store, list(range(n_layers)), internal.C) if internal.channels == "probe" and dev_in_store else None
     boundary = estimate_boundaries(traces, dynamics_rows=dyn_rows, grid=GRID, store=store, layers=list(range(n_layers)), pca=pca, constant_share=constant_share, internal=internal, phase_probe=probe, progress=progress)
-    boundary.meta["internal_channels"] = "per layer: mean over heads of the attention mass to the document, to the model's own output (CoT and its mentions) and to the prompt scaffolding (no text markers, no truth)"
     boundary.meta["constant_fitted_on"] = f"{dev_path.name}: {len(_usable_traces(dev_path))} dev traces" if constant_share is not None else "not fitted: no dev traces with a known boundary"
     boundary.meta["n_boot"] = n_boot
     results["boundary"] = boundary
@@ -466,10 +464,9 @@ def characterize(
     results["head_scores"] = compute_head_scores(store, bridge, traces, dataset.docs, dataset.labels, internal_tau, n_boot, seed)
     if dev_in_store:
         # Rankings that later stages act on (patching, distillation) come from dev traces, so the
-        # test traces they are measured on never chose the heads. (On dev traces the probe would
-        # see its own training data: the unsupervised channels split them.)
-        dev_boundary = estimate_boundaries(dev, estimators=("internal",), store=store, layers=list(range(n_layers)), pca=pca, internal=replace(internal, channels="regions", smoothing=0.15))
-        dev_tau = dev_boundary.frame.set_index("doc_id")["tau_token"].to_dict()
+        # test traces they are measured on never chose the heads. Dev traces split at their true
+        # boundary where it is known (it is no test trace's), else at the unsupervised estimate.
+        dev_tau = estimate_boundaries(dev, estimators=("internal_unsupervised",), store=store, layers=list(range(n_layers)), pca=pca, internal=internal).tau("internal_unsupervised", prefer_truth=True)
         dev_scores = compute_head_scores(store, bridge, dev, dataset.docs, dataset.labels, dev_tau, n_boot, seed)
         dev_scores.meta["traces"] = f"{len(dev)} dev traces ({dev_path.name})"
         results["dev_head_scores"] = dev_scores
@@ -520,7 +517,16 @@ def tune_boundary_run(run_dir: str | Path, progress: bool = True, model=None, se
     shipped = CharacterizeSettings().internal
     same_c = np.isclose(table["C"].fillna(-1), shipped.C if shipped.channels == "probe" else -1)
     table["shipped_default"] = (table["channels"] == shipped.channels) & np.isclose(table["smoothing"], shipped.smoothing) & same_c
+    table["shipped_unsupervised"] = (table["channels"] == shipped.unsupervised_channels) & np.isclose(table["smoothing"], shipped.unsupervised_smoothing)
     best = table.iloc[0]
-    meta = {"dev_traces": int(len(traces)), "selected": {"channels": str(best["channels"]), "smoothing": float(best["smoothing"]), "C": None if pd.isna(best["C"]) else float(best["C"])}, "shipped": {"channels": shipped.channels, "smoothing": shipped.smoothing, "C": shipped.C}, "metric": "median |estimated - true boundary| / CoT length over dev traces", "probe": table.attrs.get("cross_fitted")}
+    best_unsupervised = table[table["channels"] != "probe"].iloc[0]
+    meta = {
+        "dev_traces": int(len(traces)),
+        "selected": {"channels": str(best["channels"]), "smoothing": float(best["smoothing"]), "C": None if pd.isna(best["C"]) else float(best["C"])},
+        "selected_unsupervised": {"channels": str(best_unsupervised["channels"]), "smoothing": float(best_unsupervised["smoothing"])},
+        "shipped": {"channels": shipped.channels, "smoothing": shipped.smoothing, "C": shipped.C, "unsupervised_channels": shipped.unsupervised_channels, "unsupervised_smoothing": shipped.unsupervised_smoothing},
+        "metric": "median |estimated - true boundary| / CoT length over dev traces",
+        "probe": table.attrs.get("cross_fitted"),
+    }
     write_parquet(table, run_dir / "boundary_tuning.parquet", metadata={"ctd_meta": json.dumps(meta)})
     return table

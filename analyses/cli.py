@@ -210,6 +210,9 @@ def _cmd_characterize(args) -> int:
         print(f"selected on {int(best['n'])} dev traces: {chosen} "
               f"({'the shipped default' if bool(best['shipped_default']) else f'shipped default: channels={shipped.channels}, smoothing={shipped.smoothing:.2f}, C={shipped.C:g}'}); "
               f"all {len(table)} choices in {Path(args.run) / 'boundary_tuning.parquet'}")
+        unsupervised = table[table["channels"] != "probe"].iloc[0]
+        print(f"best choice fitting nothing (internal_unsupervised): channels={unsupervised['channels']}, smoothing={unsupervised['smoothing']:.2f}, "
+              f"median error {unsupervised['median_abs_error_frac']:.3f} ({'the shipped default' if bool(unsupervised['shipped_unsupervised']) else f'shipped default: channels={shipped.unsupervised_channels}, smoothing={shipped.unsupervised_smoothing:.2f}'})")
         return 0
     results = _run_stage("characterize", args.run, _config(args, "characterize"))
     errors = results["boundary"].errors()

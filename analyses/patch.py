@@ -405,8 +405,12 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
                     p = float((np.sum(perm_over >= overlap(point)) + 1) / (len(perm_over) + 1))
                     rows.append({**base, "metric": f"top_k_overlap@{k}", "k": k, "value": overlap(point), "ci_low": lo, "ci_high": hi, "p_value": p, "chance": chance})
             if settings.sweep:
-                attr = np.array([effect_of(("attribution", mode, "all", l, h, "", 1, "", r), np.arange(n)) for l, h in heads_all])
-                rows.append({"doc_id": None, "analysis": "agreement", "mode": mode, "positions": "all", "readout": r, "layer": -1, "head": -1, "score": "", "k": 0, "head_set": "attribution vs sweep", "metric": "spearman", "clean": np.nan, "corrupt": np.nan, "patched": np.nan, "effect": np.nan, "value": _spearman(attr, point), "ci_low": np.nan, "ci_high": np.nan})
+                attr_keys = [("attribution", mode, "all", l, h, "", 1, "", r) for l, h in heads_all]
+                attr = np.array([effect_of(k, np.arange(n)) for k in attr_keys])
+                # the same trace draws for both maps: the CI is of the agreement, paired by trace
+                attr_draws = np.array([[effect_of(k, idx) for k in attr_keys] for idx in boot[: len(draws)]])
+                lo, hi = _ci(np.array([_spearman(a, d) for a, d in zip(attr_draws, draws)]))
+                rows.append({"doc_id": None, "analysis": "agreement", "mode": mode, "positions": "all", "readout": r, "layer": -1, "head": -1, "score": "", "k": 0, "head_set": "attribution vs sweep", "metric": "spearman", "clean": np.nan, "corrupt": np.nan, "patched": np.nan, "effect": np.nan, "value": _spearman(attr, point), "ci_low": lo, "ci_high": hi})
 
     frame = pd.DataFrame(rows)
     for column in ("metric", "p_value", "chance"):

@@ -135,7 +135,7 @@ def causal_findings(run_dir: str | Path) -> list[str]:
             out.append(f"Top-{int(best.k)} {score} heads minus {int(best.k)} random heads (recovery): {_fmt_ci(best.value, best.ci_low, best.ci_high)}.")
         agree = s[(s["analysis"] == "agreement") & (s["readout"] == "answer_logprob")]
         if len(agree):
-            out.append("Attribution patching against the one-head sweep, Spearman over heads: " + "; ".join(f"{r.mode} {r.value:.2f}" for r in agree.itertuples()) + ".")
+            out.append("Attribution patching against the one-head sweep, Spearman over heads: " + "; ".join(f"{r.mode} " + (_fmt_ci(r.value, r.ci_low, r.ci_high, 2) if not pd.isna(r.ci_low) else f"{r.value:.2f}") for r in agree.itertuples()) + ".")
     if (run_dir / "isolation.parquet").exists():
         iso = pd.read_parquet(run_dir / "isolation.parquet")
         c = iso[iso["condition"] == "complementarity"].set_index("metric")
@@ -181,7 +181,7 @@ def characterization_findings(run_dir: str | Path) -> list[str]:
         if "internal" in errors.index:
             e = errors.loc["internal"]
             sentence = f"The internal boundary estimator's median error is {_fmt_ci(e.median_abs_error_frac, e.ci_low, e.ci_high, percent=True)} of the CoT over {int(e.n)} traces"
-            for other in ("constant", "fixed", "behavioural"):
+            for other in ("internal_unsupervised", "constant", "fixed", "behavioural"):
                 if other in errors.index:
                     o = errors.loc[other]
                     sentence += f"; {other}: {_fmt_ci(o.median_abs_error_frac, o.ci_low, o.ci_high, percent=True)}"

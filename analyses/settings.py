@@ -140,11 +140,16 @@ class InternalSettings:
             ``regions`` / ``document`` / ``all``: unsupervised channels.
         smoothing: moving-average window as a fraction of the CoT length.
         C: the probe's inverse L2 strength.
+        unsupervised_channels, unsupervised_smoothing: the ``internal_unsupervised`` estimator,
+            reported beside it: what the internal estimator can do where no trace has a known
+            boundary (a real model), fitting nothing.
     """
 
     channels: str = "probe"
     smoothing: float = 0.0
     C: float = 0.1
+    unsupervised_channels: str = "regions"
+    unsupervised_smoothing: float = 0.15
 
 
 @dataclass

@@ -209,7 +209,7 @@ def train_student_base(out: str | Path, teacher_dir: str | Path | None = None, c
     task_docs = pd.read_parquet(teacher_dir / "heldout_docs.parquet") if (teacher_dir / "heldout_docs.parquet").exists() else heldout
     meta = {
         "kind": "ctd-student-base",
-        "teacher": str(teacher_dir),
+        "teacher": "analyses/assets/organism (the shipped organism)" if teacher_dir.resolve() == default_organism_path().resolve() else str(teacher_dir),
         "tokenizer": "the teacher's (copied into tokenizer/)",
         "corpus": "generated notes (text only: no answers, no traces) and the code dictionary (code <-> description and inclusion terms, both directions)",
         "config": asdict(config),

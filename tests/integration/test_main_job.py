@@ -81,3 +81,20 @@ def test_notebooks_execute(notebook, quick_run, monkeypatch):
     NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(notebook.parent)}}).execute()
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
+
+
+def test_the_readme_stage_sequence_runs_with_stage_defaults(organism_path, tmp_path, capsys):
+    """README: `ctd traces`, `ctd capture --run R`, `ctd characterize --run R`, each with its
+    defaults (fewer traces and draws here): what one stage writes by default is what the next reads."""
+    from analyses.cli import main
+
+    run = tmp_path / "r"
+    assert main(["traces", "--out", str(run), "--n-docs", "10", "--n-dev-docs", "10"]) == 0
+    assert main(["capture", "--run", str(run)]) == 0
+    assert main(["characterize", "--run", str(run), "--n-boot", "50"]) == 0
+    for name in ("boundary", "head_scores", "dev_head_scores", "probes", "dynamics"):
+        assert (run / f"{name}.parquet").exists(), name
+    capsys.readouterr()
+    # asking for more traces than the dataset's split holds stops with the fix, not a silent shortfall
+    assert main(["traces", "--out", str(tmp_path / "big"), "--n-docs", "100000"]) == 2
+    assert "n_docs" in capsys.readouterr().err
