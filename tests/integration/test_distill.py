@@ -142,7 +142,7 @@ def test_a_diverging_loss_stops_training_with_its_location(setup, tiny_tokenizer
     from probes.errors import CtdNumericalError
 
     examples, teacher_rows, base, _ = setup
-    with pytest.raises(CtdNumericalError, match=r"distill standard seed 0: loss is nan at step 1"):
+    with pytest.raises(CtdNumericalError, match=r"distill standard seed 0, step 1: loss is nan"):
         train_student("standard", 0, examples, teacher_rows, tiny_tokenizer.pad_token_id, base, 5, 4, float("inf"), {}, {})
 
 
