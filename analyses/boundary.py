@@ -33,7 +33,7 @@ from analyses.settings import InternalSettings
 from probes.errors import input_error
 from probes.points import hook_name, reduction_name
 
-__all__ = ["Boundary", "ESTIMATORS", "register_estimator", "change_point", "internal_signal", "behavioural_signal", "estimate_boundaries", "fit_constant_share", "tune_internal", "InternalSettings", "SMOOTHING_GRID", "attention_features", "fit_phase_probe", "PhaseProbe"]
+__all__ = ["Boundary", "ESTIMATORS", "DEFAULT_ESTIMATORS", "TokenPhaseTable", "fit_token_phase_table", "register_estimator", "change_point", "internal_signal", "behavioural_signal", "estimate_boundaries", "fit_constant_share", "tune_internal", "InternalSettings", "SMOOTHING_GRID", "attention_features", "fit_phase_probe", "PhaseProbe"]
 
 
 def change_point(signal: np.ndarray, min_size: int = 3, smooth: int = 1) -> int:
@@ -235,6 +235,53 @@ def _internal_unsupervised(trace, store=None, layers=None, pca=None, min_size=3,
     return _internal(trace, store=store, layers=layers, pca=pca, min_size=min_size, internal=unsupervised)
 
 
+@dataclass
+class TokenPhaseTable:
+    """The token-identity baseline for the boundary: P(phase 2 | current and previous token ids),
+    counted on dev traces with a known boundary, backing off to the current token, then to the
+    dev share of phase-2 tokens. What a lookup on the text alone gets, with the same change point."""
+
+    pair: dict
+    single: dict
+    prior: float
+    n_traces: int
+
+    def signal(self, trace) -> np.ndarray:
+        ids = np.concatenate([np.asarray(trace.prompt_ids), np.asarray(trace.output_ids)])
+        out = np.empty(int(trace.cot_end) - int(trace.cot_start))
+        for i, p in enumerate(range(int(trace.cot_start), int(trace.cot_end))):
+            counts = self.pair.get((int(ids[p]), int(ids[p - 1]))) or self.single.get(int(ids[p]))
+            out[i] = self.prior if counts is None else (counts[1] + self.prior) / (counts[0] + counts[1] + 1.0)
+        return out[:, None]
+
+
+def fit_token_phase_table(traces: pd.DataFrame) -> TokenPhaseTable | None:
+    """:class:`TokenPhaseTable` from ``traces`` with a known boundary (dev traces); None without."""
+    known = traces.dropna(subset=["true_boundary"])
+    if known.empty:
+        return None
+    pair: dict[tuple[int, int], list[int]] = {}
+    single: dict[int, list[int]] = {}
+    labels = []
+    for t in known.itertuples(index=False):
+        ids = np.concatenate([np.asarray(t.prompt_ids), np.asarray(t.output_ids)])
+        for p in range(int(t.cot_start), int(t.cot_end)):
+            y = int(p >= int(t.true_boundary))
+            pair.setdefault((int(ids[p]), int(ids[p - 1])), [0, 0])[y] += 1
+            single.setdefault(int(ids[p]), [0, 0])[y] += 1
+            labels.append(y)
+    return TokenPhaseTable(pair, single, float(np.mean(labels)), len(known))
+
+
+@register_estimator("tokens")
+def _tokens(trace, token_table=None, min_size=3, internal=InternalSettings(), **_) -> int | None:
+    if token_table is None:
+        return None  # not fitted: no dev trace with a known boundary
+    signal = token_table.signal(trace)
+    smooth = max(1, int(round(internal.smoothing * len(signal))))
+    return change_point(signal, min_size=min_size, smooth=smooth)
+
+
 def fit_constant_share(dev_traces: pd.DataFrame, grid: np.ndarray = np.linspace(0.0, 1.0, 201)) -> float | None:
     """The share of the CoT whose median absolute error over ``dev_traces`` is smallest (the
     metric every estimator is scored on); None when no dev trace has a known boundary."""
@@ -248,7 +295,7 @@ def fit_constant_share(dev_traces: pd.DataFrame, grid: np.ndarray = np.linspace(
     return float(grid[best[np.argmin(np.abs(grid[best] - np.median(share)))]])
 
 
-DEFAULT_ESTIMATORS = ("fixed", "constant", "behavioural", "internal", "internal_unsupervised")
+DEFAULT_ESTIMATORS = ("fixed", "constant", "tokens", "behavioural", "internal", "internal_unsupervised")
 
 
 def estimate_boundaries(traces: pd.DataFrame, estimators=DEFAULT_ESTIMATORS, progress: bool = False, **context) -> Boundary:
@@ -297,6 +344,8 @@ def estimate_boundaries(traces: pd.DataFrame, estimators=DEFAULT_ESTIMATORS, pro
         meta["internal"]["probe"] = f"logistic regression (C={internal.C}) on each head's attention mass to prompt, document, CoT and label mentions and its document kurtosis, {len(probe.layers)} layers; fitted on {probe.n_traces} dev traces; the estimated trace's truth, text and tokens are never read"
     if context.get("constant_share") is not None:
         meta["constant_share"] = context["constant_share"]
+    if context.get("token_table") is not None:
+        meta["tokens"] = f"P(phase 2 | current, previous token id) counted on {context['token_table'].n_traces} dev traces (back-off to the current token, then the prior), the internal estimator's change point and smoothing: what a lookup on the text gets"
     return Boundary(frame, meta)
 
 

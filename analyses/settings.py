@@ -176,7 +176,7 @@ class PatchSettings:
             boundary), ``phase2`` (CoT from the boundary on).
         sweep: one head at a time (exact); off for models too large to sweep (attribution only).
         regenerate: read the regenerated answer for the head sets.
-        batch_size: traces per forward.
+        batch_size: traces per forward (batched by length: less padding).
         device_map: ``auto``: one large model across the GPUs of a node.
     """
 
@@ -186,7 +186,7 @@ class PatchSettings:
     sweep_positions: tuple = ("all", "phase1", "phase2")
     sweep: bool = True
     regenerate: bool = True
-    batch_size: int = 40
+    batch_size: int = 10
     n_boot: int = 1000
     n_permutations: int = 2000
     seed: int = 0

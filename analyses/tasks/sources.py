@@ -372,11 +372,14 @@ def load_xc_repo(path: Path | None, on_empty: str = "error", text_fields: tuple[
 
 
 def _icd10cm_code(raw: str) -> str | None:
-    """Canonical dotted ICD-10-CM code for ``raw`` ("I5022" or "I50.22"), or None if not billable."""
+    """Canonical dotted ICD-10-CM code for ``raw`` ("I5022" or "I50.22"), or None if not a code.
+
+    Chapters ("1") and blocks ("A00-A09") are valid items of the package but not codes.
+    """
     import simple_icd_10_cm as cm
 
     stripped = raw.strip().upper().replace(".", "")
-    if not stripped or not cm.is_valid_item(stripped):
+    if not stripped or not cm.is_valid_item(stripped) or cm.is_chapter_or_block(stripped):
         return None
     return cm.add_dot(stripped)
 
