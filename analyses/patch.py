@@ -27,6 +27,7 @@ What is measured:
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -142,10 +143,13 @@ def _shifted_source(source: dict[int, torch.Tensor], inputs: PatchInputs, offset
 # statistics
 
 
-def _pooled(mode: str, clean: np.ndarray, corrupt: np.ndarray, patched: np.ndarray, idx: np.ndarray) -> float:
-    gap = np.nansum(clean[idx] - corrupt[idx])
-    change = np.nansum(patched[idx] - corrupt[idx]) if mode == "denoise" else np.nansum(clean[idx] - patched[idx])
-    return float(change / gap) if gap != 0 else float("nan")
+def _pooled(mode: str, clean: np.ndarray, corrupt: np.ndarray, patched: np.ndarray, idx: np.ndarray):
+    """Pooled recovery/damage over the traces ``idx`` ([n]: a float; [draws, n]: one per draw)."""
+    gap = np.nansum(clean[idx] - corrupt[idx], axis=-1)
+    change = np.nansum(patched[idx] - corrupt[idx], axis=-1) if mode == "denoise" else np.nansum(clean[idx] - patched[idx], axis=-1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.where(gap != 0, change / np.where(gap != 0, gap, 1.0), np.nan)
+    return float(out) if out.ndim == 0 else out
 
 
 def _boot_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -264,6 +268,15 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
         for r, v in values.items():
             per_trace.setdefault(key + (r,), np.full(n, np.nan))[batch] = v
 
+    seconds = dict.fromkeys(("runs_and_head_sets", "sweep", "attribution", "regenerate", "summaries"), 0.0)
+    clock = time.perf_counter()
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[part] += now - clock
+        clock = now
+
     for batch in batches:
         inputs = PatchInputs.from_sequences([clean_seqs[i] for i in batch], [corrupt_seqs[i] for i in batch], tok.pad_token_id if tok.pad_token_id is not None else 0)
         readouts = [TokenReadout(r, [items[r][i] for i in batch]) for r in READOUTS]
@@ -281,17 +294,21 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
             for mode, values in per_mode.items():
                 store(("head_set", mode, "all", -1, -1, score, hs.k, hs.name), batch, values)
         bar.update(len(head_sets) + 1)
+        lap("runs_and_head_sets")
         for name in sweep_sets:
-            _, sweep = head_sweep(bridge, inputs, readouts, positions[name], settings.what, runs=runs)
+            modes = ("denoise", "noise") if name == "all" else settings.phase_sweep_modes
+            _, sweep = head_sweep(bridge, inputs, readouts, positions[name], settings.what, runs=runs, modes=modes)
             for (layer, head, mode), values in sweep.items():
                 store(("sweep", mode, name, layer, head, "", 1, ""), batch, values)
             bar.update(len(heads_all))
+        lap("sweep")
         estimates = attribution_patching(bridge, inputs, readouts, positions["all"], settings.what)
         for (mode, r), est in estimates.items():
             base = runs.corrupt[r] if mode == "denoise" else runs.clean[r]
             for layer, head in heads_all:
                 per_trace.setdefault(("attribution", mode, "all", layer, head, "", 1, "", r), np.full(n, np.nan))[batch] = base + est[:, layer, head].numpy()
         bar.update(1)
+        lap("attribution")
         if settings.regenerate and settings.what == "z":
             prefix = np.array([_find(clean_seqs[i], answer_open, len(chosen[i].prompt_ids), len(clean_seqs[i])) + len(answer_open) for i in batch])
             gold_sets = [set(int(g) for g in by_id.loc[doc_ids[i]]["gold"]) for i in batch]
@@ -328,6 +345,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
                     values = generated_metrics(target, (source, masks))
                     key = ("all_heads", mode, "all", -1, -1, "", n_layers * n_heads, "all") if hs.name == "all" else ("head_set", mode, "all", -1, -1, score, hs.k, hs.name)
                     store(key, batch, values)
+        lap("regenerate")
     bar.close()
 
     # per-trace rows and pooled summaries
@@ -348,12 +366,12 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
         base = {"analysis": analysis, "mode": mode, "positions": positions_name, "readout": r, "layer": layer, "head": head, "score": score, "k": k, "head_set": set_name}
         for i, d in enumerate(doc_ids):
             rows.append({**base, "doc_id": d, "clean": clean[i], "corrupt": corrupt[i], "patched": patched[i], "effect": effect[i], "value": effect[i], "ci_low": np.nan, "ci_high": np.nan})
-        draws = np.array([_pooled(mode, clean, corrupt, patched, idx) for idx in boot])
+        draws = _pooled(mode, clean, corrupt, patched, boot)
         pooled[key] = draws
         lo, hi = _ci(draws)
         rows.append({**base, "doc_id": None, "clean": float(np.nanmean(clean)), "corrupt": float(np.nanmean(corrupt)), "patched": float(np.nanmean(patched)), "effect": np.nan, "value": _pooled(mode, clean, corrupt, patched, np.arange(n)), "ci_low": lo, "ci_high": hi})
 
-    def effect_of(key: tuple, idx: np.ndarray) -> float:
+    def effect_of(key: tuple, idx: np.ndarray):
         *_, r = key
         return _pooled(key[1], baselines[r]["clean"], baselines[r]["corrupt"], per_trace[key], idx)
 
@@ -369,9 +387,9 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
                     lowest_key = ("head_set", mode, "all", -1, -1, score, k, "lowest", r)
                     for name, others in (("ranked_minus_random", random_keys), ("ranked_minus_lowest", [lowest_key])):
                         def diff(idx, others=others):
-                            return effect_of(ranked_key, idx) - np.mean([effect_of(o, idx) for o in others])
+                            return effect_of(ranked_key, idx) - np.mean([effect_of(o, idx) for o in others], axis=0)
 
-                        lo, hi = _ci(np.array([diff(idx) for idx in boot]))
+                        lo, hi = _ci(diff(boot))
                         rows.append({"doc_id": None, "analysis": name, "mode": mode, "positions": "all", "readout": r, "layer": -1, "head": -1, "score": score, "k": k, "head_set": "", "clean": np.nan, "corrupt": np.nan, "patched": np.nan, "effect": np.nan, "value": diff(np.arange(n)), "ci_low": lo, "ci_high": hi})
 
     # scores against causal maps; attribution against the sweep
@@ -384,7 +402,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
             if not all(k in per_trace for k in keys):
                 continue
             point = np.array([effect_of(k, np.arange(n)) for k in keys])
-            draws = np.array([[effect_of(k, idx) for k in keys] for idx in boot[: min(len(boot), 400)]])
+            draws = np.stack([effect_of(k, boot[:400]) for k in keys], axis=1)
             for score in ("coarse", "refine"):
                 sv = score_values[score]
                 if not np.isfinite(sv).any():
@@ -411,7 +429,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
                 attr_keys = [("attribution", mode, "all", l, h, "", 1, "", r) for l, h in heads_all]
                 attr = np.array([effect_of(k, np.arange(n)) for k in attr_keys])
                 # the same trace draws for both maps: the CI is of the agreement, paired by trace
-                attr_draws = np.array([[effect_of(k, idx) for k in attr_keys] for idx in boot[: len(draws)]])
+                attr_draws = np.stack([effect_of(k, boot[: len(draws)]) for k in attr_keys], axis=1)
                 lo, hi = _ci(np.array([_spearman(a, d) for a, d in zip(attr_draws, draws)]))
                 rows.append({"doc_id": None, "analysis": "agreement", "mode": mode, "positions": "all", "readout": r, "layer": -1, "head": -1, "score": "", "k": 0, "head_set": "attribution vs sweep", "metric": "spearman", "clean": np.nan, "corrupt": np.nan, "patched": np.nan, "effect": np.nan, "value": _spearman(attr, point), "ci_low": lo, "ci_high": hi})
 
@@ -419,7 +437,9 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
     for column in ("metric", "p_value", "chance"):
         if column not in frame:
             frame[column] = np.nan
+    lap("summaries")
     meta = {
+        "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "corruption": "anchor tokens swapped token-for-token with an unrelated document's (no shared gold label)",
         "what": settings.what,
         "readouts": {
@@ -432,6 +452,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
         "ks": ks,
         "random_sets": f"{settings.n_random} seeded draws of k heads outside the ranked top k",
         "positions": {"all": "every token", "phase1": "CoT tokens before the trace's boundary", "phase2": "CoT tokens from the boundary on"},
+        "phase_sweep_modes": list(settings.phase_sweep_modes),
         "boundary": "the true boundary where known, else the internal estimate",
         "n_traces": n,
         "dev_scores": scores[["layer", "head", "score", "value", "rank"]].to_dict(orient="records"),

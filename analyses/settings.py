@@ -174,6 +174,9 @@ class PatchSettings:
         what: ``z`` (head outputs) or ``pattern`` (attention patterns, as the published analysis).
         sweep_positions: position sets of the per-head sweep: ``all``, ``phase1`` (CoT before the
             boundary), ``phase2`` (CoT from the boundary on).
+        phase_sweep_modes: the modes of the phase-restricted sweeps (``denoise``: does the head at
+            that phase's positions carry what the answer needs; add ``noise`` for the damage map,
+            one more forward per head and phase). The ``all`` sweep runs both modes.
         sweep: one head at a time (exact); off for models too large to sweep (attribution only).
         regenerate: read the regenerated answer for the head sets.
         batch_size: traces per forward (batched by length: less padding).
@@ -184,6 +187,7 @@ class PatchSettings:
     n_random: int = 3
     what: str = "z"
     sweep_positions: tuple = ("all", "phase1", "phase2")
+    phase_sweep_modes: tuple = ("denoise",)
     sweep: bool = True
     regenerate: bool = True
     batch_size: int = 10

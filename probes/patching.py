@@ -285,8 +285,8 @@ def _baselines(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], wh
     return _Runs(values["clean"], values["corrupt"], acts)
 
 
-def head_set_effects(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], head_sets: Sequence[Sequence[Head]], positions: Bool[Tensor, "batch pos"] | None = None, what: str = "z", runs: _Runs | None = None) -> tuple[_Runs, list[dict[str, dict[str, np.ndarray]]]]:
-    """Patch each set of heads together, both modes: per set, per mode, per read-out, the patched value per trace."""
+def head_set_effects(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], head_sets: Sequence[Sequence[Head]], positions: Bool[Tensor, "batch pos"] | None = None, what: str = "z", runs: _Runs | None = None, modes: Sequence[str] = ("denoise", "noise")) -> tuple[_Runs, list[dict[str, dict[str, np.ndarray]]]]:
+    """Patch each set of heads together, in each of ``modes``: per set, per mode, per read-out, the patched value per trace."""
     runs = runs or _baselines(bridge, inputs, readouts, what)
     positions = inputs.position_mask() if positions is None else positions
     n_layers, n_heads = bridge.cfg.n_layers, bridge.cfg.n_heads
@@ -296,21 +296,23 @@ def head_set_effects(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadou
             masks = head_masks(heads, n_layers, n_heads)
             per_mode = {}
             for mode, (target, source) in {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}.items():
+                if mode not in modes:
+                    continue
                 logits = _forward(bridge, getattr(inputs, target), inputs, patch_hooks(runs.acts[source], masks, positions, what))
                 per_mode[mode] = {k: v.numpy() for k, v in readout_values(logits, readouts, inputs.offsets).items()}
             out.append(per_mode)
     return runs, out
 
 
-def head_sweep(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], positions: Bool[Tensor, "batch pos"] | None = None, what: str = "z", progress: bool = False, runs: _Runs | None = None) -> tuple[_Runs, dict[tuple[int, int, str], dict[str, np.ndarray]]]:
-    """Every head alone, both modes, batched across traces: ``{(layer, head, mode): {readout: patched value per trace}}``."""
+def head_sweep(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], positions: Bool[Tensor, "batch pos"] | None = None, what: str = "z", progress: bool = False, runs: _Runs | None = None, modes: Sequence[str] = ("denoise", "noise")) -> tuple[_Runs, dict[tuple[int, int, str], dict[str, np.ndarray]]]:
+    """Every head alone, in each of ``modes``, batched across traces: ``{(layer, head, mode): {readout: patched value per trace}}``."""
     from tqdm.auto import tqdm
 
     heads = [(l, h) for l in range(bridge.cfg.n_layers) for h in range(bridge.cfg.n_heads)]
     runs, effects = head_set_effects(bridge, inputs, readouts, [], positions, what, runs)
     out = {}
     for head in tqdm(heads, desc="head sweep", disable=not progress):
-        _, (per_mode,) = head_set_effects(bridge, inputs, readouts, [[head]], positions, what, runs)
+        _, (per_mode,) = head_set_effects(bridge, inputs, readouts, [[head]], positions, what, runs, modes)
         for mode, values in per_mode.items():
             out[(head[0], head[1], mode)] = values
     return runs, out
