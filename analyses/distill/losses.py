@@ -106,7 +106,8 @@ def mechanistic_loss(student, batch, teacher_rows, out, z: dict, map1: dict, map
 
     w_u = student.lm_head.weight
     norm = student.model.norm
-    parts = {k: torch.zeros((), dtype=out.last_hidden_state.dtype) for k in TERMS}
+    # Terms in float32 whatever the forward's precision (bf16 autocast rounds attention to 3 digits).
+    parts = {k: torch.zeros((), dtype=torch.float32) for k in TERMS}
     for b, e in enumerate(batch):
         n = len(e.ids)
         early = torch.arange(e.cot_start, min(e.tau, e.cot_end))
@@ -117,30 +118,30 @@ def mechanistic_loss(student, batch, teacher_rows, out, z: dict, map1: dict, map
         rows = teacher_rows[b]
         if len(early) and e.anchors and map1:
             # The direction is a target, not a parameter path: detached.
-            a_dir = w_u[e.anchors].mean(0).detach()
+            a_dir = w_u[e.anchors].mean(0).detach().float()
             for (tl, th), (sl, sh) in map1.items():
-                s_att = out.attentions[sl][b, sh, early, :n]
-                t_att = rows[(tl, th)][early - e.cot_start, :n].to(s_att.dtype)
+                s_att = out.attentions[sl][b, sh, early, :n].float()
+                t_att = rows[(tl, th)][early - e.cot_start, :n].float()
                 keys = doc_keys.expand(len(early), n)
                 if terms["attn"]:
                     parts["attn"] = parts["attn"] + attention_kl(t_att, s_att, keys).mean()
-                write = head_write(student, z[sl][b, early], sl, sh)
+                write = head_write(student, z[sl][b, early], sl, sh).float()
                 if terms["write1"]:
                     parts["write1"] = parts["write1"] + write_alignment(write, a_dir).mean()
                 if terms["int1"]:
                     kurt = _kurtosis(s_att, keys)
                     parts["int1"] = parts["int1"] - (torch.log1p(kurt) * F.cosine_similarity(write, a_dir.expand_as(write), dim=-1)).mean()
         if len(late) and e.pairs and map2 and (terms["loop"] or terms["write2"] or terms["int2"]):
-            resid = z["final"][b, late]
+            resid = z["final"][b, late].float()
             _, grad = margin_gradient(resid.detach(), lambda r: student.lm_head(norm(r)), e.pairs)  # detached
             causal = torch.arange(n)[None, :] <= late[:, None]
             for (tl, th), (sl, sh) in map2.items():
-                s_att = out.attentions[sl][b, sh, late, :n]
-                t_att = rows[(tl, th)][late - e.cot_start, :n].to(s_att.dtype)
+                s_att = out.attentions[sl][b, sh, late, :n].float()
+                t_att = rows[(tl, th)][late - e.cot_start, :n].float()
                 keys = mention_keys.expand(len(late), n) & causal
                 if terms["loop"]:
                     parts["loop"] = parts["loop"] + attention_kl(t_att, s_att, keys).mean()
-                write = head_write(student, z[sl][b, late], sl, sh)
+                write = head_write(student, z[sl][b, late], sl, sh).float()
                 if terms["write2"]:
                     parts["write2"] = parts["write2"] + write_alignment(write, grad).mean()
                 if terms["int2"]:

@@ -16,7 +16,7 @@ from analyses.distill.data import collate
 from analyses.distill.losses import TERMS, forward_with_heads, mechanistic_loss, next_token_loss
 from analyses.lm_training import checked_step
 
-__all__ = ["CONDITIONS", "train_student", "load_student_base"]
+__all__ = ["CONDITIONS", "train_student", "load_student_base", "length_bucketed_batches"]
 
 # condition -> which loss terms are on (phase-1 attn/write/int, phase-2 loop/write/int)
 _ALL = dict.fromkeys(TERMS, True)
@@ -35,16 +35,35 @@ CONDITIONS: dict[str, dict[str, bool]] = {
 }
 
 
-def load_student_base(path: str | Path):
-    """The student base as a trainable float32 model with eager attention (mechanistic losses read
-    attention weights)."""
+def load_student_base(path: str | Path, attn_implementation: str = "eager"):
+    """The student base as a trainable float32 model (eager attention: the mechanistic losses read
+    attention weights; ``sdpa`` where nothing does)."""
     from probes.models import load_hf_model
 
-    model = load_hf_model(path, attn_implementation="eager")
+    model = load_hf_model(path, attn_implementation=attn_implementation)
     model.float()
     for p in model.parameters():
         p.requires_grad_(True)
     return model
+
+
+def length_bucketed_batches(lengths: list[int], batch_size: int, steps: int, seed: int, pool: int = 32) -> list[list[int]]:
+    """``steps`` batches of example indices: each epoch a seeded permutation, cut into pools of
+    ``pool`` batches, each pool sorted by length and cut into batches, the batches shuffled. Traces
+    are 228 tokens on average and 628 at most, so a random batch of 16 is about half padding; a
+    bucketed one a few percent. Every condition of a seed gets the same batches."""
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths)
+    out: list[list[int]] = []
+    while len(out) < steps:
+        perm = rng.permutation(len(lengths))
+        epoch = []
+        for start in range(0, len(perm), batch_size * pool):
+            chunk = perm[start : start + batch_size * pool]
+            chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+            epoch += [chunk[i : i + batch_size].tolist() for i in range(0, len(chunk), batch_size)]
+        out += [epoch[i] for i in rng.permutation(len(epoch))]
+    return out[:steps]
 
 
 def train_student(
@@ -64,6 +83,7 @@ def train_student(
     checkpoints: list[int] = (),
     on_checkpoint: Callable[[int, object], dict] | None = None,
     progress: bool = False,
+    autocast: bool = True,
 ):
     """Train one student; returns (model, loss curve, checkpoint records, training seconds).
 
@@ -74,9 +94,8 @@ def train_student(
 
     terms = CONDITIONS[condition]
     mech = any(terms.values())
-    student = load_student_base(base)
-    rng = np.random.default_rng(seed)
-    order = np.concatenate([rng.permutation(len(examples)) for _ in range(math.ceil(steps * batch_size / max(len(examples), 1)) + 1)])
+    student = load_student_base(base, "eager" if mech else "sdpa")
+    batches = length_bucketed_batches([len(e.ids) for e in examples], batch_size, steps, seed)
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, min(20, steps // 10))
     needed_layers = {sl for sl, _ in list(map1.values()) + list(map2.values())}
@@ -91,19 +110,22 @@ def train_student(
         lr_now = lr * min(1.0, (step + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1))))
         for group in optimizer.param_groups:
             group["lr"] = lr_now
-        batch = [examples[i] for i in order[step * batch_size : (step + 1) * batch_size]]
+        batch = [examples[i] for i in batches[step]]
         ids, mask, labels = collate(batch, pad_id)
         student.train()
-        if mech:
-            out, z = forward_with_heads(student, ids, mask, needed_layers)
-            ce = next_token_loss(student, out.last_hidden_state, labels)
-            rows = [teacher_rows[e.doc_id] for e in batch]
-            extra, parts = mechanistic_loss(student, batch, rows, out, z, map1, map2, terms, lambda1, lambda2)
-            loss = ce + extra
-        else:
-            hidden = student.model(input_ids=ids, attention_mask=mask).last_hidden_state
-            ce = next_token_loss(student, hidden, labels)
-            parts, loss = {}, ce
+        # bf16 autocast (as the organism and the student base were trained): 1.6x the steps per second
+        # on this CPU; the losses themselves are computed in float32.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if mech:
+                out, z = forward_with_heads(student, ids, mask, needed_layers)
+                ce = next_token_loss(student, out.last_hidden_state, labels)
+                rows = [teacher_rows[e.doc_id] for e in batch]
+                extra, parts = mechanistic_loss(student, batch, rows, out, z, map1, map2, terms, lambda1, lambda2)
+                loss = ce + extra
+            else:
+                hidden = student.model(input_ids=ids, attention_mask=mask).last_hidden_state
+                ce = next_token_loss(student, hidden, labels)
+                parts, loss = {}, ce
         checked_step(student, optimizer, loss, f"distill {condition} seed {seed}, step {step}")
         trained += time.perf_counter() - started
         curve.append({"step": step + 1, "loss": loss.item(), "ce": ce.item(), "seconds": trained, **parts})
