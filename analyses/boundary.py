@@ -245,6 +245,19 @@ class TokenPhaseTable:
     single: dict
     prior: float
     n_traces: int
+    # how tau is read from the lookup's P(phase 2) per token: None = the change point; a float =
+    # the first token at or above it. Chosen on the same dev traces, so the baseline is as strong
+    # as the lookup allows (a change point puts the break one token early, at the line break before
+    # a lexically marked boundary).
+    threshold: float | None = None
+
+    def locate(self, trace, min_size: int = 3, smooth: int = 1) -> int:
+        signal = self.signal(trace)
+        if self.threshold is not None:
+            above = np.flatnonzero(signal[:, 0] >= self.threshold)
+            if len(above):
+                return int(above[0])
+        return change_point(signal, min_size=min_size, smooth=smooth)
 
     def signal(self, trace) -> np.ndarray:
         ids = np.concatenate([np.asarray(trace.prompt_ids), np.asarray(trace.output_ids)])
@@ -270,16 +283,28 @@ def fit_token_phase_table(traces: pd.DataFrame) -> TokenPhaseTable | None:
             pair.setdefault((int(ids[p]), int(ids[p - 1])), [0, 0])[y] += 1
             single.setdefault(int(ids[p]), [0, 0])[y] += 1
             labels.append(y)
-    return TokenPhaseTable(pair, single, float(np.mean(labels)), len(known))
+    table = TokenPhaseTable(pair, single, float(np.mean(labels)), len(known))
+    T = (known["cot_end"] - known["cot_start"]).clip(lower=1).to_numpy(float)
+    truth = known["true_boundary"].astype(float).to_numpy() - known["cot_start"].to_numpy(float)
+    best = (np.inf, None)
+    for threshold in TOKEN_THRESHOLDS:
+        table.threshold = threshold
+        located = np.array([table.locate(t) for t in known.itertuples(index=False)], dtype=float)
+        error = float(np.median(np.abs(located - truth) / T)) + 1e-6 * float(np.mean(np.abs(located - truth) / T))
+        if error < best[0]:
+            best = (error, threshold)
+    table.threshold = best[1]
+    return table
+
+
+TOKEN_THRESHOLDS = (None, 0.5, 0.7, 0.9, 0.99)
 
 
 @register_estimator("tokens")
 def _tokens(trace, token_table=None, min_size=3, internal=InternalSettings(), **_) -> int | None:
     if token_table is None:
         return None  # not fitted: no dev trace with a known boundary
-    signal = token_table.signal(trace)
-    smooth = max(1, int(round(internal.smoothing * len(signal))))
-    return change_point(signal, min_size=min_size, smooth=smooth)
+    return token_table.locate(trace, min_size=min_size)
 
 
 def fit_constant_share(dev_traces: pd.DataFrame, grid: np.ndarray = np.linspace(0.0, 1.0, 201)) -> float | None:
@@ -345,7 +370,7 @@ def estimate_boundaries(traces: pd.DataFrame, estimators=DEFAULT_ESTIMATORS, pro
     if context.get("constant_share") is not None:
         meta["constant_share"] = context["constant_share"]
     if context.get("token_table") is not None:
-        meta["tokens"] = f"P(phase 2 | current, previous token id) counted on {context['token_table'].n_traces} dev traces (back-off to the current token, then the prior), the internal estimator's change point and smoothing: what a lookup on the text gets"
+        meta["tokens"] = f"P(phase 2 | current, previous token id) counted on {context['token_table'].n_traces} dev traces (back-off to the current token, then the prior), read as " + (f"the first token with P >= {context['token_table'].threshold}" if context["token_table"].threshold is not None else "one change point") + f" (chosen on the same dev traces among {list(TOKEN_THRESHOLDS)}, None = change point): what a lookup on the text gets"
     return Boundary(frame, meta)
 
 

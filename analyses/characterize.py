@@ -314,12 +314,14 @@ def compute_probes(store, traces, docs, tau, n_layers: int, n_boot: int = 500, s
             token_value, token_lo, token_hi = _pooled_ci(token_ok, docs_test, n_boot, seed)
             diff, diff_lo, diff_hi = _pooled_ci(probe_ok.astype(float) - token_ok, docs_test, n_boot, seed)
             control_value = float(control_ok.mean())
+            # paired per test row (the probe and the control task score the same rows), CI over documents
+            _, sel_lo, sel_hi = _pooled_ci(probe_ok.astype(float) - control_ok, docs_test, n_boot, seed)
             rows.append(
                 {
                     **base, "value": value, "control_value": control_value, "ci_low": lo, "ci_high": hi,
                     "majority": float((y == majority_class).mean()), "token_baseline": token_value, "token_ci_low": token_lo, "token_ci_high": token_hi,
                     "minus_tokens": diff, "minus_tokens_ci_low": diff_lo, "minus_tokens_ci_high": diff_hi, "beats_tokens": bool(diff_lo > 0),
-                    "selectivity": value - control_value, "n_train": int((~test).sum()), "n_test": int(test.sum()), "n_rows": n_rows, "status": "fitted",
+                    "selectivity": value - control_value, "selectivity_ci_low": sel_lo, "selectivity_ci_high": sel_hi, "n_train": int((~test).sum()), "n_test": int(test.sum()), "n_rows": n_rows, "status": "fitted",
                 }
             )
     frame = pd.DataFrame(rows)

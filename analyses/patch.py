@@ -432,6 +432,16 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
                 attr_draws = np.stack([effect_of(k, boot[: len(draws)]) for k in attr_keys], axis=1)
                 lo, hi = _ci(np.array([_spearman(a, d) for a, d in zip(attr_draws, draws)]))
                 rows.append({"doc_id": None, "analysis": "agreement", "mode": mode, "positions": "all", "readout": r, "layer": -1, "head": -1, "score": "", "k": 0, "head_set": "attribution vs sweep", "metric": "spearman", "clean": np.nan, "corrupt": np.nan, "patched": np.nan, "effect": np.nan, "value": _spearman(attr, point), "ci_low": lo, "ci_high": hi})
+            # How well the causal map agrees with itself: Spearman between the maps of two random
+            # halves of the traces (a map that does not reproduce cannot be correlated with anything).
+            halves = np.random.default_rng(settings.seed + 2)
+            split_rhos = []
+            for _ in range(200):
+                perm = halves.permutation(n)
+                a_half, b_half = perm[: n // 2], perm[n // 2 :]
+                split_rhos.append(_spearman(np.array([effect_of(k, a_half) for k in keys]), np.array([effect_of(k, b_half) for k in keys])))
+            lo, hi = _ci(np.array(split_rhos))
+            rows.append({"doc_id": None, "analysis": "reliability", "mode": mode, "positions": "all", "readout": r, "layer": -1, "head": -1, "score": "", "k": 0, "head_set": f"{causal} split-half", "metric": "spearman", "clean": np.nan, "corrupt": np.nan, "patched": np.nan, "effect": np.nan, "value": float(np.nanmedian(split_rhos)), "ci_low": lo, "ci_high": hi})
 
     frame = pd.DataFrame(rows)
     for column in ("metric", "p_value", "chance"):
@@ -455,6 +465,16 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
         "phase_sweep_modes": list(settings.phase_sweep_modes),
         "boundary": "the true boundary where known, else the internal estimate",
         "n_traces": n,
+        "gap": {
+            r: {
+                "mean": float(np.nanmean(baselines[r]["clean"] - baselines[r]["corrupt"])),
+                "median": float(np.nanmedian(baselines[r]["clean"] - baselines[r]["corrupt"])),
+                # a pooled ratio of sums is carried by the traces with the largest gaps
+                "share_of_summed_gap_in_top_5_traces": float(np.sort(np.nan_to_num(baselines[r]["clean"] - baselines[r]["corrupt"]))[::-1][:5].sum() / max(np.nansum(baselines[r]["clean"] - baselines[r]["corrupt"]), 1e-12)),
+            }
+            for r in READOUTS
+        },
+        "ci": "bootstrap over the patched traces, the dev ranking held fixed",
         "dev_scores": scores[["layer", "head", "score", "value", "rank"]].to_dict(orient="records"),
         "causal_map_for_correlations": causal,
     }

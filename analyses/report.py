@@ -119,6 +119,12 @@ def causal_findings(run_dir: str | Path) -> list[str]:
         if len(base):
             b = base.iloc[0]
             out.append(f"Corrupting the note's evidence moves the gold answer-code log-prob from {b.clean:.2f} to {b.corrupt:.2f} nats (gap {_fmt_ci(b.value, b.ci_low, b.ci_high, 2)}) over {patching.meta.get('n_traces')} test traces.")
+            gap = patching.meta.get("gap", {}).get("answer_logprob")
+            if gap:
+                out.append(f"The gap is concentrated: median {gap['median']:.3f} nats per trace, and the 5 traces with the largest gaps carry {100 * gap['share_of_summed_gap_in_top_5_traces']:.0f}% of the summed gap that pooled recovery and damage are ratios of.")
+        reliability = s[(s["analysis"] == "reliability") & (s["readout"] == "answer_logprob")]
+        if len(reliability):
+            out.append("Each causal map against itself (Spearman over heads between two random halves of the traces, median of 200 splits [2.5%, 97.5%]): " + "; ".join(f"{r.mode} {_fmt_ci(r.value, r.ci_low, r.ci_high, 2)}" for r in reliability.itertuples()) + "; a map that does not reproduce cannot rank heads, so correlations with it say little.")
         corr = patching.correlations()
         for score in ("coarse", "refine"):
             parts = []

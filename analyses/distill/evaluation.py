@@ -63,6 +63,18 @@ def mechanism_transfer(model, examples: list, teacher_rows: dict, map1: dict, ma
     head's), phase-1 pairs at early CoT queries over the document, phase-2 pairs at late CoT
     queries over earlier label mentions (the keys each loss targets)."""
     rows = []
+    implementation = model.config._attn_implementation
+    if implementation != "eager":  # sdpa returns no attention weights (students trained without attention losses)
+        model.set_attn_implementation("eager")
+    try:
+        _transfer_rows(model, examples, teacher_rows, map1, map2, pad_id, batch_size, rows)
+    finally:
+        if implementation != "eager":
+            model.set_attn_implementation(implementation)
+    return pd.DataFrame(rows)
+
+
+def _transfer_rows(model, examples, teacher_rows, map1, map2, pad_id, batch_size, rows) -> None:
     with torch.no_grad():
         for b0 in range(0, len(examples), batch_size):
             batch = examples[b0 : b0 + batch_size]
@@ -87,7 +99,6 @@ def mechanism_transfer(model, examples: list, teacher_rows: dict, map1: dict, ma
                         valid = key_mask.any(-1)
                         if valid.any():
                             rows.append({"doc_id": e.doc_id, "phase": phase, "teacher_head": f"L{tl}H{th}", "student_head": f"L{sl}H{sh}", "kl": float(kl[valid].mean())})
-    return pd.DataFrame(rows)
 
 
 def leakage_adjusted_simulability(doc_texts: list[str], explanations: list[str], outputs: np.ndarray, seed: int = 0) -> float:

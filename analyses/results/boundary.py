@@ -36,17 +36,21 @@ class Boundary(FrameResult):
         return f.assign(frac=f["abs_error_tokens"].astype(float) / f["cot_length"].clip(lower=1))
 
     def errors(self, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-        """Median absolute error per estimator (tokens and fraction of the CoT) with a bootstrap
-        95% CI over traces of the median fraction."""
+        """Per estimator: median absolute error (tokens and fraction of the CoT) with a bootstrap
+        95% CI over traces of the median fraction; the mean fraction with its CI, the share of
+        traces placed exactly and the 90th percentile (a median of mostly exact traces has a
+        [0, 0] CI and says nothing about the misses)."""
         f = self.error_fractions()
-        columns = ["estimator", "median_abs_error_tokens", "median_abs_error_frac", "ci_low", "ci_high", "n"]
+        columns = ["estimator", "median_abs_error_tokens", "median_abs_error_frac", "ci_low", "ci_high", "mean_abs_error_frac", "mean_ci_low", "mean_ci_high", "share_exact", "p90_abs_error_frac", "n"]
         if f.empty:
             return pd.DataFrame(columns=columns)
         rows = []
         for estimator, g in f.groupby("estimator", sort=False):
             frac = g["frac"].to_numpy(float)
             _, lo, hi = bootstrap_ci(lambda idx: float(np.median(frac[idx])), n=len(frac), n_boot=n_boot, seed=seed)
-            rows.append((estimator, float(g["abs_error_tokens"].median()), float(np.median(frac)), lo, hi, len(g)))
+            _, mlo, mhi = bootstrap_ci(lambda idx: float(np.mean(frac[idx])), n=len(frac), n_boot=n_boot, seed=seed)
+            exact = float((g["abs_error_tokens"].astype(float) == 0).mean())
+            rows.append((estimator, float(g["abs_error_tokens"].median()), float(np.median(frac)), lo, hi, float(np.mean(frac)), mlo, mhi, exact, float(np.quantile(frac, 0.9)), len(g)))
         return pd.DataFrame(rows, columns=columns)
 
     def ratio(self, estimator: str, baseline: str, n_boot: int = 1000, seed: int = 0) -> tuple[float, float, float]:
