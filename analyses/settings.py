@@ -239,17 +239,17 @@ class DistillConfig:
     """
 
     student: str | None = None
-    n_train_docs: int = 600
+    n_train_docs: int = 1200
     n_eval_docs: int = 200
     eval_split: str = "test"
-    n_curve_docs: int = 50
-    n_trajectory_docs: int = 40
+    n_curve_docs: int = 30
+    n_trajectory_docs: int = 20
     steps: int = 300
     n_checkpoints: int = 5
     batch_size: int = 16
     lr: float = 1e-3
     seeds: tuple = (0, 1, 2, 3, 4)
-    ablation_seeds: int = 3
+    ablation_seeds: int = 2
     conditions: tuple = ("standard", "mechanistic", "standard_equal_compute", "no_phase1", "no_phase2")
     lambda1: float = 0.5
     lambda2: float = 0.5

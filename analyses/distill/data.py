@@ -113,9 +113,21 @@ def capture_teacher_rows(run_dir: Path, bridge, traces: pd.DataFrame, heads: lis
     from analyses.capture_stage import capture_requests
     from probes.capture import CaptureConfig, capture
 
+    import shutil
+
+    from probes.errors import CtdInputError
+
     requests = capture_requests(traces, "cot")
     config = CaptureConfig(points=[], attention_layers=[], pattern_heads=[tuple(map(int, h)) for h in heads], batch_size=batch_size, dtype="float16")
-    return capture(bridge, requests, run_dir, config, settings={"purpose": "distillation teacher signals"}, progress=progress, store_dir=TEACHER_STORE)
+    settings = {"purpose": "distillation teacher signals"}
+    try:
+        return capture(bridge, requests, run_dir, config, settings=settings, progress=progress, store_dir=TEACHER_STORE)
+    except CtdInputError as exc:
+        if "other settings" not in str(exc):
+            raise
+    # A cache of an earlier study (other traces or heads): this study's own signals replace it.
+    shutil.rmtree(Path(run_dir) / TEACHER_STORE)
+    return capture(bridge, requests, run_dir, config, settings=settings, progress=progress, store_dir=TEACHER_STORE)
 
 
 def load_teacher_rows(run_dir: Path, examples: list[Example], heads: list[tuple[int, int]]) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
