@@ -301,7 +301,7 @@ TOKEN_THRESHOLDS = (None, 0.5, 0.7, 0.9, 0.99)
 
 
 @register_estimator("tokens")
-def _tokens(trace, token_table=None, min_size=3, internal=InternalSettings(), **_) -> int | None:
+def _tokens(trace, token_table=None, min_size=3, **_) -> int | None:
     if token_table is None:
         return None  # not fitted: no dev trace with a known boundary
     return token_table.locate(trace, min_size=min_size)
