@@ -7,17 +7,25 @@ layers, d_model 1536, 12 heads, 2 key/value heads, MLP 8960, vocabulary 151,936)
 fly and saved once to a scratch folder (``--quick``: a 4-layer, d_model 256 model for CI). For each
 trace length T (prompt 256 tokens, the rest CoT), in a fresh process each, so peak memory is its own:
 
-- ``forward``: one plain forward of the bridge over the trace, no hooks (eager attention: the
-  floor of what capture computes);
-- ``forward_sdpa``: the Hugging Face model with fused attention (what generation would use);
+- ``forward``: one plain forward of the bridge over the trace, no hooks (eager attention, with the
+  unembedding: the plain forward the issue's target is measured against);
+- ``forward_body``: the Hugging Face decoder stack alone with eager attention (no unembedding,
+  which capture never computes: the strict floor of what capture computes);
+- ``forward_sdpa``: the Hugging Face decoder stack with fused attention (what generation would use);
 - ``capture``: ``probes.capture`` of the CoT tokens, residual stream after every layer and the
   in-hook attention reductions of every layer (region mass, document kurtosis, value mass);
 - ``characterize``: the internal boundary signal and the attention attribution read back from
   that store (the characterize stage's reductions);
 - ``attribution``: attribution patching of every head on the trace (1k tokens only).
 
-Prints seconds, the capture/forward ratio (target <= 1.3x at 4k), peak RSS per method and length
-(capture's growth must be linear in T: no attention pattern is kept), and store bytes per token.
+Prints seconds, the capture/forward ratio (target <= 1.3x at 4k), memory per method and length, and
+store bytes per token. Memory is read two ways: the process's lifetime peak RSS (dominated by
+loading the weights at short lengths) and the working peak, the highest RSS sampled every 2 ms
+during the timed call minus the RSS just before it. The eager forward's own working memory grows
+with T^2 (each layer's pattern exists while that layer runs) and the unembedding adds T x vocab
+logits; capture must add only memory linear in T on top of the eager decoder stack (no pattern
+kept): ``capture_extra_work_mb`` is capture's working peak minus ``forward_body``'s, and its
+increments across 1k/2k/4k are reported.
 """
 
 from __future__ import annotations
@@ -42,6 +50,35 @@ PROMPT = 256
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def _current_rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class _WorkingPeak:
+    """Highest RSS sampled every 2 ms inside the block, minus the RSS on entry (MB)."""
+
+    def __enter__(self):
+        import threading
+
+        self.base = self.peak = _current_rss_mb()
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.002):
+                self.peak = max(self.peak, _current_rss_mb())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _current_rss_mb())
+        self.mb = round(self.peak - self.base, 1)
 
 
 def build(folder: Path, shape: dict, dtype: str) -> Path:
@@ -98,21 +135,25 @@ def child(method: str, folder: Path, length: int, device: str, dtype: str, work:
     tokens = torch.tensor([ids], device=device)
     torch_dtype = getattr(torch, dtype)
     result = {"method": method, "length": length}
-    if method == "forward_sdpa":
-        model = load_hf_model(folder, device=device, dtype=torch_dtype, attn_implementation="sdpa")
+    if method in ("forward_sdpa", "forward_body"):
+        model = load_hf_model(folder, device=device, dtype=torch_dtype, attn_implementation="sdpa" if method == "forward_sdpa" else "eager")
         with torch.no_grad():
             model.model(input_ids=tokens[:, :64])  # warm
-            t0 = time.perf_counter()
-            model.model(input_ids=tokens)
-            result["seconds"] = time.perf_counter() - t0
+            with _WorkingPeak() as peak:
+                t0 = time.perf_counter()
+                model.model(input_ids=tokens)
+                result["seconds"] = time.perf_counter() - t0
+            result["work_mb"] = peak.mb
     else:
         bridge = load_model(folder, device=device, dtype=torch_dtype, validate=False)
         if method == "forward":
             with torch.no_grad():
                 bridge(tokens[:, :64], return_type=None)
-                t0 = time.perf_counter()
-                bridge(tokens, return_type=None)
-                result["seconds"] = time.perf_counter() - t0
+                with _WorkingPeak() as peak:
+                    t0 = time.perf_counter()
+                    bridge(tokens, return_type=None)
+                    result["seconds"] = time.perf_counter() - t0
+                result["work_mb"] = peak.mb
         elif method in ("capture", "characterize"):
             from probes.capture import CaptureConfig, CaptureRequest, capture
             from probes.points import resolve_points
@@ -122,11 +163,14 @@ def child(method: str, folder: Path, length: int, device: str, dtype: str, work:
             config = CaptureConfig(points=resolve_points(["resid_post"], bridge.cfg.n_layers), attention_layers=list(range(bridge.cfg.n_layers)), batch_size=1, dtype="float16")
             if method == "capture":
                 warm = CaptureRequest(doc_id="warm", token_ids=ids[:64], positions=np.arange(32, 64), regions=regions[:64], document_mask=regions[:64] == 1, norm_origin=32, norm_length=32)
-                capture(bridge, [warm], work / "warm", config, progress=False)
+                shutil.rmtree(work / "warm", ignore_errors=True)  # a complete store would be resumed, not computed
+                capture(bridge, [warm], work / "warm", config, progress=False)  # touches every weight page
                 shutil.rmtree(store_root, ignore_errors=True)
-                t0 = time.perf_counter()
-                capture(bridge, [request], store_root, config, progress=False)
-                result["seconds"] = time.perf_counter() - t0
+                with _WorkingPeak() as peak:
+                    t0 = time.perf_counter()
+                    capture(bridge, [request], store_root, config, progress=False)
+                    result["seconds"] = time.perf_counter() - t0
+                result["work_mb"] = peak.mb
                 size = sum(p.stat().st_size for p in (store_root / "activations").glob("shard-*.safetensors"))
                 result["store_bytes_per_token"] = round(size / (length - PROMPT), 1)
             else:
@@ -189,7 +233,7 @@ def main() -> None:
     folder = build(args.work / ("model-quick" if args.quick else "model-1.5b"), shape, args.dtype)
     rows = []
     for length in lengths:
-        for method in ("forward", "forward_sdpa", "capture", "characterize"):
+        for method in ("forward", "forward_body", "forward_sdpa", "capture", "characterize"):
             rows.append(run_child(method, args, folder, length))
             print(json.dumps(rows[-1]), flush=True)
     rows.append(run_child("attribution", args, folder, lengths[0] if args.quick else 1024))
@@ -201,19 +245,22 @@ def main() -> None:
         "device": args.device,
         "threads": int(os.environ.get("CTD_BENCH_THREADS", str(os.cpu_count() or 2))),
         "capture_over_forward": {L: round(by[("capture", L)]["seconds"] / by[("forward", L)]["seconds"], 3) for L in lengths},
+        "capture_over_forward_body": {L: round(by[("capture", L)]["seconds"] / by[("forward_body", L)]["seconds"], 3) for L in lengths},
         "capture_over_forward_sdpa": {L: round(by[("capture", L)]["seconds"] / by[("forward_sdpa", L)]["seconds"], 3) for L in lengths},
         "characterize_seconds_per_1k_tokens": {L: round(1000 * by[("characterize", L)]["seconds"] / (L - PROMPT), 4) for L in lengths},
         "peak_rss_mb": {m: {L: by[(m, L)]["peak_rss_mb"] for L in lengths} for m in ("forward", "capture")},
-        "capture_minus_forward_rss_mb": {L: round(by[("capture", L)]["peak_rss_mb"] - by[("forward", L)]["peak_rss_mb"], 1) for L in lengths},
+        "work_mb": {m: {L: by[(m, L)]["work_mb"] for L in lengths} for m in ("forward", "forward_body", "forward_sdpa", "capture")},
+        "capture_extra_work_mb": {L: round(by[("capture", L)]["work_mb"] - by[("forward_body", L)]["work_mb"], 1) for L in lengths},
         "store_bytes_per_token": {L: by[("capture", L)]["store_bytes_per_token"] for L in lengths},
         "attribution_seconds": rows[-1]["seconds"],
         "attribution_over_forward": round(rows[-1]["seconds"] / by[("forward", rows[-1]["length"])]["seconds"], 2),
         "bench_seconds": round(time.perf_counter() - started, 1),
         "rows": rows,
     }
-    if len(lengths) >= 3:  # linear growth: the increments double with the length (a kept pattern would quadruple them)
-        a, b, c = (by[("capture", L)]["peak_rss_mb"] for L in lengths[:3])
-        summary["capture_rss_increment_ratio"] = round((c - b) / max(b - a, 1e-6), 2)
+    if len(lengths) >= 3:  # with lengths doubling, linear growth doubles the increments; a kept pattern quadruples them
+        for name, key in (("forward_body", lambda L: by[("forward_body", L)]["work_mb"]), ("capture_extra", lambda L: summary["capture_extra_work_mb"][L])):
+            a, b, c = (key(L) for L in lengths[:3])
+            summary[f"{name}_work_increment_ratio"] = round((c - b) / (b - a), 2) if b != a else None
     print(json.dumps({k: v for k, v in summary.items() if k != "rows"}, indent=2))
     if args.out:
         args.out.write_text(json.dumps(summary, indent=2) + "\n")

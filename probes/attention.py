@@ -16,6 +16,10 @@ from probes.typing import KeyMask, Pattern
 
 __all__ = ["doc_kurtosis", "attention_reductions", "value_gram", "head_value_norms", "heads_view"]
 
+# Pattern elements per block of query rows in attention_reductions: 16 MB as float32, fastest of
+# 4-32 MB measured at a 1.5B shape on 4k tokens (2 CPU cores).
+_BLOCK_ELEMENTS = 1 << 22
+
 
 def heads_view(z: Tensor, n_heads: int) -> Tensor:
     """``hook_z`` as [batch, pos, head, d_head]. The bridge shapes it by its config's head size,
@@ -57,8 +61,10 @@ def attention_reductions(
 
     ``query_window=w`` says every query lies in the last ``w`` positions (output tokens under left
     padding): the reductions then read that slice of the pattern in place instead of copying the
-    query rows out. Region sums, value-weighted sums and the document-key moments are matrix
-    products of the rows with per-key indicator columns, so the pattern is read a few times only.
+    query rows out. Region sums and value-weighted sums are matrix products of the rows with
+    per-key indicator columns; the kurtosis reads only the document's keys. Both run over blocks of
+    query rows, so the float32 copy of a block stays in cache and the extra memory does not grow
+    with the square of the trace's length.
     """
     b, h, n_queries, k = pattern.shape
     if query_window is not None:
@@ -68,29 +74,29 @@ def attention_reductions(
     else:
         rows = pattern.gather(2, query_index[:, None, :, None].expand(b, h, query_index.shape[1], k))
         local_index = None
-    rows = rows.float()
-    onehot = torch.zeros(b, k, n_regions, dtype=rows.dtype, device=rows.device)
+    n_rows = rows.shape[2]
+    onehot = torch.zeros(b, k, n_regions, dtype=torch.float32, device=rows.device)
     valid = key_regions >= 0
     onehot[valid.nonzero(as_tuple=True) + (key_regions[valid],)] = 1.0
-    doc = document_mask.to(rows.dtype)
-    columns = torch.cat([onehot, doc.unsqueeze(-1)], dim=-1)[:, None].expand(b, h, k, n_regions + 1)
+    columns = onehot[:, None].expand(b, h, k, n_regions)
     if value_norms is not None:
         columns = torch.cat([columns, value_norms.float().unsqueeze(-1) * onehot[:, None]], dim=-1)
-    sums = torch.matmul(rows, columns)  # [b, h, q, region | doc | value-weighted region]
-    n_doc = doc.sum(-1)[:, None, None]
-    mean = sums[..., n_regions] / n_doc.clamp(min=1)
-    powers = rows - mean.unsqueeze(-1)
-    powers.square_()
-    doc_column = doc[:, None, :, None]
-    m2 = torch.matmul(powers, doc_column).squeeze(-1) / n_doc.clamp(min=1)
-    m4 = torch.matmul(powers.square_(), doc_column).squeeze(-1) / n_doc.clamp(min=1)
-    del powers
-    kurt = m4 / m2.pow(2).clamp(min=1e-30)
-    flat = m2 <= (1e-6 * mean.abs()).pow(2) + 1e-30  # variance below float rounding of the mean
-    kurt = torch.where(~flat & (n_doc > 1), kurt, torch.zeros_like(kurt))
+    # the document's keys, first in position order, padded to the longest document of the batch
+    n_doc = document_mask.sum(-1)
+    width = int(n_doc.max()) if b else 0
+    doc_keys = torch.sort((~document_mask).to(torch.int8), dim=-1, stable=True).indices[:, :width]
+    doc_valid = (torch.arange(width, device=rows.device)[None] < n_doc[:, None])[:, None, None, :]
+    sums = torch.empty(b, h, n_rows, columns.shape[-1], dtype=torch.float32, device=rows.device)
+    kurt = torch.empty(b, h, n_rows, dtype=torch.float32, device=rows.device)
+    step = max(1, _BLOCK_ELEMENTS // max(h * k, 1))
+    for s in range(0, n_rows, step):
+        block = rows[:, :, s : s + step]
+        torch.matmul(block.float(), columns, out=sums[:, :, s : s + step])
+        on_doc = block.gather(3, doc_keys[:, None, None, :].expand(b, h, block.shape[2], width)).float()
+        kurt[:, :, s : s + step] = doc_kurtosis(on_doc, doc_valid)
     out = {"region_mass": sums[..., :n_regions].permute(0, 2, 1, 3), "doc_kurtosis": kurt.permute(0, 2, 1)}
     if value_norms is not None:
-        out["value_mass"] = sums[..., n_regions + 1 :].permute(0, 2, 1, 3)
+        out["value_mass"] = sums[..., n_regions:].permute(0, 2, 1, 3)
     if local_index is not None:  # back to one entry per requested query
         out = {name: t.gather(1, local_index.view(b, -1, *([1] * (t.dim() - 2))).expand(-1, -1, *t.shape[2:])) for name, t in out.items()}
     return out

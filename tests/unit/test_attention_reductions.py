@@ -1,0 +1,75 @@
+"""attention_reductions against statistics computed directly from each query's attention row, for a
+left-padded batch whose documents differ in length, in one block and in many small blocks."""
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+import probes.attention as attention
+
+
+def _batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, h, t, n_regions = 2, 3, 24, 4
+    logits = torch.randn(b, h, t, t, generator=g) * 2
+    causal = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+    pad = torch.zeros(b, t, dtype=torch.bool)
+    pad[1, :5] = True  # the second sequence is left-padded by 5
+    logits = logits.masked_fill(causal | pad[:, None, None, :], float("-inf"))
+    pattern = logits.softmax(-1).nan_to_num(0.0)
+    regions = torch.full((b, t), 3)
+    regions[0, :10] = 0
+    regions[0, 2:9] = 1  # document of 7 keys
+    regions[1, 5:14] = 0
+    regions[1, 6:10] = 1  # document of 4 keys
+    regions[pad] = -1
+    document = regions == 1
+    queries = torch.tensor([[12, 15, 20, 23], [16, 18, 22, 23]])
+    values = torch.rand(b, h, t, generator=g)
+    return pattern, queries, regions, document, n_regions, values
+
+
+def _reference(pattern, queries, regions, document, n_regions, values):
+    b, h = pattern.shape[:2]
+    mass = np.zeros((b, queries.shape[1], h, n_regions))
+    vmass = np.zeros_like(mass)
+    kurt = np.zeros((b, queries.shape[1], h))
+    for i in range(b):
+        for j, q in enumerate(queries[i].tolist()):
+            for head in range(h):
+                row = pattern[i, head, q].double().numpy()
+                for r in range(n_regions):
+                    keys = (regions[i] == r).numpy()
+                    mass[i, j, head, r] = row[keys].sum()
+                    vmass[i, j, head, r] = (row[keys] * values[i, head].double().numpy()[keys]).sum()
+                kurt[i, j, head] = scipy.stats.kurtosis(row[document[i].numpy()], fisher=False)
+    return mass, vmass, kurt
+
+
+@pytest.mark.parametrize("block_elements", [1 << 22, 3 * 24])  # one block; one query row per block
+def test_reductions_equal_per_row_statistics(monkeypatch, block_elements):
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", block_elements)
+    pattern, queries, regions, document, n_regions, values = _batch()
+    out = attention.attention_reductions(pattern, queries, regions, document, n_regions, values)
+    mass, vmass, kurt = _reference(pattern, queries, regions, document, n_regions, values)
+    np.testing.assert_allclose(out["region_mass"].numpy(), mass, atol=1e-6)
+    np.testing.assert_allclose(out["value_mass"].numpy(), vmass, atol=1e-6)
+    np.testing.assert_allclose(out["doc_kurtosis"].numpy(), kurt, rtol=1e-4)
+    assert (kurt > 1).all()  # the reference is not trivially zero
+
+
+def test_query_window_reads_the_same_rows_as_the_gather(monkeypatch):
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 2 * 3 * 24)
+    pattern, _, regions, document, n_regions, values = _batch(1)
+    queries = torch.tensor([[19, 20, 21, 22, 23], [19, 20, 21, 22, 23]])
+    gathered = attention.attention_reductions(pattern, queries, regions, document, n_regions, values)
+    windowed = attention.attention_reductions(pattern, queries, regions, document, n_regions, values, query_window=5)
+    for name in gathered:
+        torch.testing.assert_close(windowed[name], gathered[name])
+
+
+def test_no_document_keys_gives_zero_kurtosis():
+    pattern, queries, regions, _, n_regions, values = _batch()
+    out = attention.attention_reductions(pattern, queries, regions, torch.zeros_like(regions, dtype=torch.bool), n_regions, values)
+    assert (out["doc_kurtosis"] == 0).all()
