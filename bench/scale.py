@@ -57,12 +57,23 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-class _WorkingPeak:
-    """Highest RSS sampled every 2 ms inside the block, minus the RSS on entry (MB)."""
+class _Measured:
+    """Times the block (CUDA synchronised) and records its working memory: the highest RSS sampled
+    every 2 ms inside it minus the RSS on entry (``mb``), and on CUDA the peak allocated above the
+    allocation on entry (``gpu_mb``)."""
+
+    def __init__(self, device: str):
+        self.cuda = device.startswith("cuda")
 
     def __enter__(self):
         import threading
 
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._gpu_base = torch.cuda.memory_allocated()
         self.base = self.peak = _current_rss_mb()
         self._stop = threading.Event()
 
@@ -72,13 +83,26 @@ class _WorkingPeak:
 
         self._thread = threading.Thread(target=sample, daemon=True)
         self._thread.start()
+        self._started = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
+        import torch
+
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self._started
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, _current_rss_mb())
         self.mb = round(self.peak - self.base, 1)
+        self.gpu_mb = round((torch.cuda.max_memory_allocated() - self._gpu_base) / 2**20, 1) if self.cuda else None
+
+    def record(self, result: dict) -> None:
+        result["seconds"] = self.seconds
+        result["work_mb"] = self.mb
+        if self.gpu_mb is not None:
+            result["gpu_work_mb"] = self.gpu_mb
 
 
 def build(folder: Path, shape: dict, dtype: str) -> Path:
@@ -139,21 +163,17 @@ def child(method: str, folder: Path, length: int, device: str, dtype: str, work:
         model = load_hf_model(folder, device=device, dtype=torch_dtype, attn_implementation="sdpa" if method == "forward_sdpa" else "eager")
         with torch.no_grad():
             model.model(input_ids=tokens[:, :64])  # warm
-            with _WorkingPeak() as peak:
-                t0 = time.perf_counter()
+            with _Measured(device) as measured:
                 model.model(input_ids=tokens)
-                result["seconds"] = time.perf_counter() - t0
-            result["work_mb"] = peak.mb
+            measured.record(result)
     else:
         bridge = load_model(folder, device=device, dtype=torch_dtype, validate=False)
         if method == "forward":
             with torch.no_grad():
                 bridge(tokens[:, :64], return_type=None)
-                with _WorkingPeak() as peak:
-                    t0 = time.perf_counter()
+                with _Measured(device) as measured:
                     bridge(tokens, return_type=None)
-                    result["seconds"] = time.perf_counter() - t0
-                result["work_mb"] = peak.mb
+                measured.record(result)
         elif method in ("capture", "characterize"):
             from probes.capture import CaptureConfig, CaptureRequest, capture
             from probes.points import resolve_points
@@ -166,11 +186,9 @@ def child(method: str, folder: Path, length: int, device: str, dtype: str, work:
                 shutil.rmtree(work / "warm", ignore_errors=True)  # a complete store would be resumed, not computed
                 capture(bridge, [warm], work / "warm", config, progress=False)  # touches every weight page
                 shutil.rmtree(store_root, ignore_errors=True)
-                with _WorkingPeak() as peak:
-                    t0 = time.perf_counter()
+                with _Measured(device) as measured:
                     capture(bridge, [request], store_root, config, progress=False)
-                    result["seconds"] = time.perf_counter() - t0
-                result["work_mb"] = peak.mb
+                measured.record(result)
                 size = sum(p.stat().st_size for p in (store_root / "activations").glob("shard-*.safetensors"))
                 result["store_bytes_per_token"] = round(size / (length - PROMPT), 1)
             else:
@@ -181,11 +199,11 @@ def child(method: str, folder: Path, length: int, device: str, dtype: str, work:
                 from probes.store import open_store
 
                 store = open_store(store_root)
-                t0 = time.perf_counter()
-                signal = internal_signal(store, f"t{length}", PROMPT, length, list(range(bridge.cfg.n_layers)))
-                trace = pd.DataFrame({"doc_id": [f"t{length}"], "cot_start": [PROMPT], "cot_end": [length]})
-                compute_attribution(store, trace, bridge.cfg.n_layers, bridge.cfg.n_heads)
-                result["seconds"] = time.perf_counter() - t0
+                with _Measured(device) as measured:
+                    signal = internal_signal(store, f"t{length}", PROMPT, length, list(range(bridge.cfg.n_layers)))
+                    trace = pd.DataFrame({"doc_id": [f"t{length}"], "cot_start": [PROMPT], "cot_end": [length]})
+                    compute_attribution(store, trace, bridge.cfg.n_layers, bridge.cfg.n_heads)
+                measured.record(result)
                 result["signal_shape"] = list(signal.shape)
         elif method == "attribution":
             from probes.patching import PatchInputs, TokenReadout, attribution_patching
@@ -195,9 +213,9 @@ def child(method: str, folder: Path, length: int, device: str, dtype: str, work:
                 corrupt[i] = (corrupt[i] + 7) % shape["vocab_size"]
             inputs = PatchInputs.from_sequences([ids], [corrupt], 0)
             readout = TokenReadout("next", [[((p,), (ids[p + 1],), ()) for p in range(length - 20, length - 1)]])
-            t0 = time.perf_counter()
-            attribution_patching(bridge, inputs, [readout])
-            result["seconds"] = time.perf_counter() - t0
+            with _Measured(device) as measured:
+                attribution_patching(bridge, inputs, [readout])
+            measured.record(result)
     result["peak_rss_mb"] = round(_rss_mb(), 1)
     return result
 
