@@ -60,8 +60,8 @@ def attention_reductions(
     with ``value_norms``, ``value_mass`` [batch, nq, head, region].
 
     ``query_window=w`` says every query lies in the last ``w`` positions (output tokens under left
-    padding): the reductions then read that slice of the pattern in place instead of copying the
-    query rows out. Region sums and value-weighted sums are matrix products of the rows with
+    padding): the reductions then read that slice of the pattern in place; otherwise the query rows
+    are gathered one block at a time. Region sums and value-weighted sums are matrix products of the rows with
     per-key indicator columns; the kurtosis reads only the document's keys. Both run over blocks of
     query rows, so the float32 copy of a block stays in cache and the extra memory does not grow
     with the square of the trace's length.
@@ -71,11 +71,10 @@ def attention_reductions(
         start = n_queries - query_window
         rows = pattern[:, :, start:, :]  # a view: no copy of the pattern
         local_index = (query_index - start).clamp(min=0)
-    else:
-        rows = pattern.gather(2, query_index[:, None, :, None].expand(b, h, query_index.shape[1], k))
-        local_index = None
-    n_rows = rows.shape[2]
-    onehot = torch.zeros(b, k, n_regions, dtype=torch.float32, device=rows.device)
+        n_rows = rows.shape[2]
+    else:  # the query rows are gathered one block at a time
+        rows, local_index, n_rows = None, None, query_index.shape[1]
+    onehot = torch.zeros(b, k, n_regions, dtype=torch.float32, device=pattern.device)
     valid = key_regions >= 0
     onehot[valid.nonzero(as_tuple=True) + (key_regions[valid],)] = 1.0
     columns = onehot[:, None].expand(b, h, k, n_regions)
@@ -85,12 +84,16 @@ def attention_reductions(
     n_doc = document_mask.sum(-1)
     width = int(n_doc.max()) if b else 0
     doc_keys = torch.sort((~document_mask).to(torch.int8), dim=-1, stable=True).indices[:, :width]
-    doc_valid = (torch.arange(width, device=rows.device)[None] < n_doc[:, None])[:, None, None, :]
-    sums = torch.empty(b, h, n_rows, columns.shape[-1], dtype=torch.float32, device=rows.device)
-    kurt = torch.empty(b, h, n_rows, dtype=torch.float32, device=rows.device)
+    doc_valid = (torch.arange(width, device=pattern.device)[None] < n_doc[:, None])[:, None, None, :]
+    sums = torch.empty(b, h, n_rows, columns.shape[-1], dtype=torch.float32, device=pattern.device)
+    kurt = torch.empty(b, h, n_rows, dtype=torch.float32, device=pattern.device)
     step = max(1, _BLOCK_ELEMENTS // max(h * k, 1))
     for s in range(0, n_rows, step):
-        block = rows[:, :, s : s + step]
+        if rows is not None:
+            block = rows[:, :, s : s + step]
+        else:
+            picked = query_index[:, s : s + step]
+            block = pattern.gather(2, picked[:, None, :, None].expand(b, h, picked.shape[1], k))
         torch.matmul(block.float(), columns, out=sums[:, :, s : s + step])
         on_doc = block.gather(3, doc_keys[:, None, None, :].expand(b, h, block.shape[2], width)).float()
         kurt[:, :, s : s + step] = doc_kurtosis(on_doc, doc_valid)

@@ -47,16 +47,23 @@ def _reference(pattern, queries, regions, document, n_regions, values):
     return mass, vmass, kurt
 
 
-@pytest.mark.parametrize("block_elements", [1 << 22, 3 * 24])  # one block; one query row per block
-def test_reductions_equal_per_row_statistics(monkeypatch, block_elements):
+# one block; one query row per block; blocks of 3 rows over 4 queries (an uneven last block)
+@pytest.mark.parametrize("block_elements", [1 << 22, 3 * 24, 3 * 3 * 24])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reductions_equal_per_row_statistics(monkeypatch, block_elements, dtype):
     monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", block_elements)
     pattern, queries, regions, document, n_regions, values = _batch()
-    out = attention.attention_reductions(pattern, queries, regions, document, n_regions, values)
-    mass, vmass, kurt = _reference(pattern, queries, regions, document, n_regions, values)
-    np.testing.assert_allclose(out["region_mass"].numpy(), mass, atol=1e-6)
-    np.testing.assert_allclose(out["value_mass"].numpy(), vmass, atol=1e-6)
-    np.testing.assert_allclose(out["doc_kurtosis"].numpy(), kurt, rtol=1e-4)
-    assert (kurt > 1).all()  # the reference is not trivially zero
+    pattern = pattern.to(dtype)  # the reference reads the same rounded weights in float64
+    for window in (None, 0):
+        if window == 0:  # the window path: the queries must be the last positions
+            queries = torch.tensor([[20, 21, 22, 23], [20, 21, 22, 23]])
+            window = 4
+        out = attention.attention_reductions(pattern, queries, regions, document, n_regions, values, query_window=window)
+        mass, vmass, kurt = _reference(pattern, queries, regions, document, n_regions, values)
+        np.testing.assert_allclose(out["region_mass"].numpy(), mass, atol=1e-6)
+        np.testing.assert_allclose(out["value_mass"].numpy(), vmass, atol=1e-6)
+        np.testing.assert_allclose(out["doc_kurtosis"].numpy(), kurt, rtol=1e-4)
+        assert (kurt > 1).all()  # the reference is not trivially zero
 
 
 def test_query_window_reads_the_same_rows_as_the_gather(monkeypatch):
