@@ -168,19 +168,36 @@ class RunLock:
             return True
         return True
 
+    def _read_owner(self, wait_seconds: float = 2.0) -> dict | None:
+        """The lock's owner record. The owner creates the file and then writes it, so an empty or
+        partial file is read again until complete (another rank of a torchrun job can look in
+        between); ``None`` if it stays incomplete for ``wait_seconds``, ``{}`` if it is gone."""
+        deadline = time.monotonic() + wait_seconds
+        while True:
+            try:
+                return json.loads(self.path.read_text())
+            except FileNotFoundError:
+                return {}
+            except (OSError, json.JSONDecodeError):
+                if time.monotonic() > deadline:
+                    return None
+                time.sleep(0.02)
+
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Processes of one torchrun job share the lock (each rank works on its own share of the run).
         group = os.environ.get("TORCHELASTIC_RUN_ID") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         me = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "group": group}
-        for _ in range(2):
+        for _ in range(5):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                try:
-                    info = json.loads(self.path.read_text() or "{}")
-                except (OSError, json.JSONDecodeError):
-                    info = {}
+                info = self._read_owner()
+                if info == {}:  # released meanwhile: try again
+                    continue
+                if info is None:  # never completed: its writer died between creating and writing it
+                    self.path.unlink(missing_ok=True)
+                    continue
                 if info.get("pid") == os.getpid() and info.get("host") == platform.node():
                     return self  # re-entered by the same process
                 if group is not None and info.get("group") == group:
