@@ -48,12 +48,22 @@ def holm(p_values: list[float]) -> list[float]:
     return adjusted.tolist()
 
 
+# Which students the study trains and how it summarises them; none of these changes a student, so a
+# study that adds an arm, a seed or bootstrap draws reuses the students it already has.
+_STUDY_ONLY_FIELDS = ("conditions", "seeds", "ablation_seeds", "n_boot")
+
+
+def _student_settings(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in _STUDY_ONLY_FIELDS}
+
+
 def _finished(folder: Path, cfg: DistillConfig) -> dict | None:
     marker = folder / "student.json"
     if not marker.is_file():
         return None
     record = read_json(marker)
-    return record if record.get("config") == json.loads(json.dumps(asdict(cfg))) else None
+    same = _student_settings(record.get("config") or {}) == _student_settings(json.loads(json.dumps(asdict(cfg))))
+    return record if same else None
 
 
 def _teacher_traces(path: Path, model_path: str, docs: pd.DataFrame, labels, template, tokenizer, hf, max_new_tokens: int, progress: bool) -> pd.DataFrame:
