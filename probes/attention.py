@@ -61,10 +61,10 @@ def attention_reductions(
 
     ``query_window=w`` says every query lies in the last ``w`` positions (output tokens under left
     padding): the reductions then read that slice of the pattern in place; otherwise the query rows
-    are gathered one block at a time. Region sums and value-weighted sums are matrix products of the rows with
-    per-key indicator columns; the kurtosis reads only the document's keys. Both run over blocks of
-    query rows, so the float32 copy of a block stays in cache and the extra memory does not grow
-    with the square of the trace's length.
+    are gathered one block at a time. Region sums and value-weighted sums are matrix products of
+    the rows with per-key indicator columns; the kurtosis reads only the document's keys. Both run
+    over blocks of query rows, so the float32 copy of a block stays in cache and the extra memory
+    does not grow with the square of the trace's length.
     """
     b, h, n_queries, k = pattern.shape
     if query_window is not None:
