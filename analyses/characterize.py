@@ -30,7 +30,7 @@ from probes.linear import ProbeProblem, fit_probe_bank, split_by_document
 from probes.points import hook_name, reduction_name
 from probes.store import open_store
 
-__all__ = ["HeadScores", "Attribution", "ProbeResults", "LensResult", "characterize", "tune_boundary_run", "compute_probes", "probe_examples", "token_identity_predict", "control_labels", "PROBE_TARGETS"]
+__all__ = ["HeadScores", "Attribution", "ProbeResults", "LensResult", "characterize", "tune_boundary_run", "compute_probes", "probe_table", "probe_examples", "token_identity_predict", "control_labels", "PROBE_TARGETS"]
 
 N_TIME_BINS = 10
 REGION_NAMES = {int(r): r.name.lower() for r in Region}
@@ -265,8 +265,13 @@ def _pooled_ci(correct: dict[str, np.ndarray], docs: np.ndarray, n_boot: int, se
 def compute_probes(store, traces, docs, tau, n_layers: int, n_boot: int = 500, seed: int = 0, min_rows: int = 20, tau_source: str = "true boundary") -> ProbeResults:
     """Every (target, layer, bucket) cell: probe accuracy with a CI, beside the majority rate, the
     token-identity baseline and the control task; cells that cannot be fitted are kept with a status."""
-    data = probe_examples(store, traces, docs, tau, n_layers)
-    positive_rate = {t: np.mean([r[1] for key, rows in data.items() if key[0] == t for r in rows] or [0.5]) for t in PROBE_TARGETS}
+    return probe_table(probe_examples(store, traces, docs, tau, n_layers), n_layers, n_boot, seed, min_rows, tau_source)
+
+
+def probe_table(data: dict[tuple, list], n_layers: int, n_boot: int = 500, seed: int = 0, min_rows: int = 20, tau_source: str = "true boundary") -> ProbeResults:
+    """:func:`compute_probes` on examples already read: ``data`` as :func:`probe_examples` returns
+    it, (target, layer, bucket) -> rows of (features [d], label, doc, current token id, previous
+    token id); cells absent from ``data`` are kept as not fitted."""
     cells = [(t, layer, b) for t in PROBE_TARGETS for layer in range(n_layers) for b in range(len(bucket_names(t)))]
     problems, controls, train_masks, test_masks, fitted = [], [], [], [], []
     rows = []
@@ -294,7 +299,8 @@ def compute_probes(store, traces, docs, tau, n_layers: int, n_boot: int = 500, s
         features = np.stack([r[0] for r in examples])
         tokens = np.array([(r[3], r[4]) for r in examples], dtype=np.int64)
         problems.append(ProbeProblem(key, features, labels, documents))
-        controls.append(ProbeProblem(key, features, control_labels(tokens[:, 0], positive_rate[target], seed), documents))
+        # the control task's rate from the training rows alone: the held-out labels must not shape it
+        controls.append(ProbeProblem(key, features, control_labels(tokens[:, 0], float(train_y.mean()), seed), documents))
         train_masks.append(~test)
         test_masks.append(test)
         fitted.append((base, tokens, len(examples)))
@@ -330,13 +336,13 @@ def compute_probes(store, traces, docs, tau, n_layers: int, n_boot: int = 500, s
         "baselines": {
             "majority": "the training majority class, scored on the test rows",
             "token_identity": "majority label of the (current, previous) token-id pair in training rows, backing off to the current token, then the majority",
-            "control_task": "Hewitt & Liang (2019): a random label fixed per token type at the target's positive rate; a probe of the same form trained and scored on it; selectivity = probe - control task",
+            "control_task": "Hewitt & Liang (2019): a random label fixed per token type, drawn at the positive rate of the cell's training rows (training documents only); a probe of the same form trained and scored on it; selectivity = probe - control task",
         },
         "buckets": {"phase": f"{N_POSITION_BUCKETS} equal bins of the distance to the trace's own boundary as a share of the token's own phase (0 = at the boundary, 1 = the phase's far end): every bucket holds both phases of every trace", "gold": f"{N_POSITION_BUCKETS} equal bins of normalised CoT position", "decision / answer": f"{N_POSITION_BUCKETS} equal bins of position within phase 2 / phase 1"},
         "n_buckets": N_POSITION_BUCKETS,
         "phase_labels": tau_source,
         "solver": f"{solver}, C=1 on standardised features",
-        "ci": f"bootstrap over test documents ({n_boot} draws) of the pooled accuracy and of probe minus token identity (paired by row)",
+        "ci": f"bootstrap over test documents ({n_boot} draws) of the pooled accuracy, of probe minus token identity and of probe minus the control task (both paired by row)",
         "not_fitted": int((frame["status"] != "fitted").sum()) if len(frame) else 0,
     }
     return ProbeResults(frame, meta)

@@ -307,7 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     traces.add_argument("--dataset", nargs="+", metavar=("SOURCE", "PATH"), help="dataset source and its folder")
     traces.add_argument("--split", help="documents' split (default test)")
     traces.add_argument("--n-docs", type=int, help="traces written (default 100)")
-    traces.add_argument("--n-dev-docs", type=int, help="dev-split traces written beside them (default: 100 for the organism, else 0)")
+    traces.add_argument("--n-dev-docs", type=int, help="dev-split traces written beside them (default: 100 for the organism, 50 for other models; heads are ranked on them)")
     traces.add_argument("--template", help="prompt template name (default: the model's chat template, else its family's plain one)")
     traces.add_argument("--batch-size", type=int)
     traces.add_argument("--max-new-tokens", type=int)

@@ -149,9 +149,13 @@ def _git_commit() -> str | None:
 class RunLock:
     """One process per run directory: ``<run>/.ctd.lock`` holds the owner's pid and host.
 
-    A lock left by a process that no longer runs (a kill, a crash) is taken over; a live one is
-    refused with a message that names it.
+    The lock file appears complete or not at all (the record is written to a temporary file and
+    hard-linked into place), so a lock that exists always names a live or a dead owner. A lock left
+    by a process that no longer runs (a kill, a crash) is taken over; a live one, or one that cannot
+    be read, is refused with a message that names it.
     """
+
+    _settle_seconds = 2.0  # how long an empty or partial lock (an older ctd writing it) is re-read
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / ".ctd.lock"
@@ -168,20 +172,65 @@ class RunLock:
             return True
         return True
 
-    def _read_owner(self, wait_seconds: float = 2.0) -> dict | None:
-        """The lock's owner record. The owner creates the file and then writes it, so an empty or
-        partial file is read again until complete (another rank of a torchrun job can look in
-        between); ``None`` if it stays incomplete for ``wait_seconds``, ``{}`` if it is gone."""
-        deadline = time.monotonic() + wait_seconds
+    def _read_owner(self) -> dict | None:
+        """The lock's owner record; ``{}`` if the lock is gone, ``None`` if it stays empty or
+        unparsable for ``_settle_seconds`` (an older ctd created it and writes it next)."""
+        deadline = time.monotonic() + self._settle_seconds
         while True:
             try:
-                return json.loads(self.path.read_text())
+                info = json.loads(self.path.read_text())
+                if isinstance(info, dict):
+                    return info
             except FileNotFoundError:
                 return {}
             except (OSError, json.JSONDecodeError):
-                if time.monotonic() > deadline:
-                    return None
-                time.sleep(0.02)
+                pass
+            if time.monotonic() > deadline:
+                return None
+            time.sleep(0.02)
+
+    def _create(self, me: dict) -> bool:
+        """Create the lock with ``me`` in it; ``False`` if it exists. ``os.link`` is atomic and never
+        replaces a file, so nobody can see the lock before its record is complete."""
+        # Not named .*.tmp: the lock's holder deletes those, and this file is a contender's, not its own.
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.{os.urandom(4).hex()}.new")
+        try:
+            with open(tmp, "x") as fh:
+                json.dump(me, fh)
+            try:
+                os.link(tmp, self.path)
+                return True
+            except FileExistsError:
+                return False
+            except OSError:
+                pass  # no hard links on this filesystem: exclusive create below
+        finally:
+            tmp.unlink(missing_ok=True)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(me, fh)
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
+        return True
+
+    def _remove_stale(self, info: dict) -> None:
+        """Delete the lock if it still holds the stale record ``info``. Under the guard, so that of
+        two processes that judged it stale, the second does not delete the lock the first took."""
+        import fcntl  # POSIX only, like the pid check
+
+        with open(self.path.with_name(f"{self.path.name}.guard"), "a") as guard:  # never deleted
+            fcntl.flock(guard, fcntl.LOCK_EX)  # released when closed
+            try:
+                current = json.loads(self.path.read_text())
+            except (OSError, json.JSONDecodeError):
+                return
+            if current == info:
+                self.path.unlink(missing_ok=True)
 
     def __enter__(self) -> "RunLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -189,31 +238,25 @@ class RunLock:
         group = os.environ.get("TORCHELASTIC_RUN_ID") if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
         me = {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "group": group}
         for _ in range(5):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                info = self._read_owner()
-                if info == {}:  # released meanwhile: try again
-                    continue
-                if info is None:  # never completed: its writer died between creating and writing it
-                    self.path.unlink(missing_ok=True)
-                    continue
-                if info.get("pid") == os.getpid() and info.get("host") == platform.node():
-                    return self  # re-entered by the same process
-                if group is not None and info.get("group") == group:
-                    return self  # another rank of the same torchrun job
-                if self._owner_alive(info):
-                    raise input_error(self.path.parent, f"another ctd process (pid {info.get('pid')}, since {info.get('started')}) is using this run directory", "wait for it to finish or choose another --out") from None
-                self.path.unlink(missing_ok=True)  # stale: its owner is gone
+            if self._create(me):
+                self._held = True
+                # Temporary files of a killed writer are never read (atomic renames); with the lock
+                # held no other ctd process writes here, so they can go.
+                for leftover in self.path.parent.rglob(".*.tmp"):
+                    leftover.unlink(missing_ok=True)
+                return self
+            info = self._read_owner()
+            if info == {}:  # released meanwhile: try again
                 continue
-            with os.fdopen(fd, "w") as fh:
-                json.dump(me, fh)
-            self._held = True
-            # Temporary files of a killed writer are never read (atomic renames); with the lock held
-            # no other ctd process writes here, so they can go.
-            for leftover in self.path.parent.rglob(".*.tmp"):
-                leftover.unlink(missing_ok=True)
-            return self
+            if info is None:  # not written by this protocol (an older ctd, a hand edit): never take it
+                raise input_error(self.path, "the run lock is empty or unreadable", "delete the lock file if no ctd process is running")
+            if info.get("pid") == os.getpid() and info.get("host") == platform.node():
+                return self  # re-entered by the same process
+            if group is not None and info.get("group") == group:
+                return self  # another rank of the same torchrun job
+            if self._owner_alive(info):
+                raise input_error(self.path.parent, f"another ctd process (pid {info.get('pid')}, since {info.get('started')}) is using this run directory", "wait for it to finish or choose another --out") from None
+            self._remove_stale(info)  # its owner is gone
         raise input_error(self.path, "could not take the run lock", "delete the lock file if no ctd process is running")
 
     def __exit__(self, *exc) -> None:

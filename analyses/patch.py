@@ -37,6 +37,7 @@ import torch
 from analyses.io import Manifest, read_parquet
 from analyses.parsing import Region, TraceParser
 from analyses.results.boundary import Boundary
+from analyses.results.characterize import HeadScores
 from analyses.results.patching import PatchingResult
 from analyses.settings import PatchSettings
 from analyses.tasks.sources import Dataset, near_misses_of
@@ -197,9 +198,13 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
         manifest = Manifest(run_dir)
         model_path = model_path or manifest.model_path()
         template = template or run_template(manifest)
+    # Heads are ranked on dev traces only: ranking on the test traces they are patched on would make
+    # "do the scores find the causal heads?" circular, so there is no fallback to them.
     dev_scores_path = run_dir / "dev_head_scores.parquet"
-    ranked_on = "dev" if dev_scores_path.exists() else "test"
-    scores = read_parquet(dev_scores_path if ranked_on == "dev" else run_dir / "head_scores.parquet", required=("layer", "head", "score", "value", "rank"))
+    if not dev_scores_path.exists():
+        raise input_error(dev_scores_path, "no head scores on dev traces to rank heads with (the patch stage never ranks on the test traces it measures)", "run `ctd traces` with --n-dev-docs N (N > 0; the default draws 50), then `ctd capture` and `ctd characterize`")
+    dev_scores = HeadScores.load(dev_scores_path)
+    scores, ranked_on = dev_scores.frame, dev_scores.meta.get("traces") or "dev traces"
     boundary = Boundary.load(run_dir / "boundary.parquet")
     traces = read_parquet(run_dir / "traces.parquet")
     dataset = Dataset.load(run_dir)
@@ -458,7 +463,9 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
             "p_at_1 / recall": "answer regenerated greedily from the answer marker, the patch applied to the prompt and the teacher-forced CoT" if settings.regenerate else "not computed",
         },
         "normalisation": "recovery (denoise) = (patched - corrupt)/(clean - corrupt); damage (noise) = (clean - patched)/(clean - corrupt); summaries pool traces as a ratio of sums, bootstrap 95% CI over traces",
-        "ranking": f"CoarseScore / RefineScore on {ranked_on} traces" + ("" if ranked_on == "dev" else " (no dev head scores in this run: rankings and effects share traces)"),
+        "ranking": f"CoarseScore / RefineScore on {ranked_on}",
+        "ranked_on": {"split": "dev", "traces": ranked_on, "file": dev_scores_path.name},
+        "measured_on": {"split": "test", "traces": f"{n} test traces (traces.parquet)"},
         "ks": ks,
         "random_sets": f"{settings.n_random} seeded draws of k heads outside the ranked top k",
         "positions": {"all": "every token", "phase1": "CoT tokens before the trace's boundary", "phase2": "CoT tokens from the boundary on"},

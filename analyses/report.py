@@ -106,6 +106,16 @@ def _fmt_ci(value: float, low: float, high: float, digits: int = 3, percent: boo
     return f"{value:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
+def ranking_splits(meta: dict) -> tuple[str, str]:
+    """Which traces a patching run ranked heads on and which it measured them on, as its own
+    record says (runs written before the record named them say so in ``ranking``)."""
+    if "ranked_on" in meta:
+        return meta["ranked_on"]["traces"], meta.get("measured_on", {}).get("traces", "test traces")
+    ranking = str(meta.get("ranking", ""))
+    ranked = "test traces" if "on test traces" in ranking else "dev traces" if "on dev traces" in ranking else "traces of unrecorded split"
+    return ranked, f"{meta.get('n_traces', 'the')} test traces"
+
+
 def causal_findings(run_dir: str | Path) -> list[str]:
     """Sentences on the phases' causal separation: heads (patching) and positions (isolation)."""
     run_dir = Path(run_dir)
@@ -115,10 +125,13 @@ def causal_findings(run_dir: str | Path) -> list[str]:
 
         patching = PatchingResult.load(run_dir / "patching.parquet")
         s = patching.summary
+        ranked_on, measured_on = ranking_splits(patching.meta)
+        if "test" in ranked_on:
+            out.append(f"Heads were ranked on {ranked_on}, the traces their effects are measured on: the score-effect comparisons below are circular.")
         base = s[(s["analysis"] == "baseline") & (s["readout"] == "answer_logprob")]
         if len(base):
             b = base.iloc[0]
-            out.append(f"Corrupting the note's evidence moves the gold answer-code log-prob from {b.clean:.2f} to {b.corrupt:.2f} nats (gap {_fmt_ci(b.value, b.ci_low, b.ci_high, 2)}) over {patching.meta.get('n_traces')} test traces.")
+            out.append(f"Corrupting the note's evidence moves the gold answer-code log-prob from {b.clean:.2f} to {b.corrupt:.2f} nats (gap {_fmt_ci(b.value, b.ci_low, b.ci_high, 2)}) over {measured_on}.")
             gap = patching.meta.get("gap", {}).get("answer_logprob")
             if gap:
                 out.append(f"The gap is concentrated: median {gap['median']:.3f} nats per trace, and the 5 traces with the largest gaps carry {100 * gap['share_of_summed_gap_in_top_5_traces']:.0f}% of the summed gap that pooled recovery and damage are ratios of.")
@@ -134,7 +147,7 @@ def causal_findings(run_dir: str | Path) -> list[str]:
                     r = r.iloc[0]
                     parts.append(f"{'recovery' if mode == 'denoise' else 'damage'} ρ = {_fmt_ci(r.value, r.ci_low, r.ci_high, 2)}, p = {r.p_value:.3f}")
             if parts:
-                out.append(f"{score.capitalize()}Score ranked on dev traces against each head's causal effect on test traces: " + "; ".join(parts) + ".")
+                out.append(f"{score.capitalize()}Score ranked on {ranked_on} against each head's causal effect on {measured_on}: " + "; ".join(parts) + ".")
         ranked = s[(s["analysis"] == "ranked_minus_random") & (s["readout"] == "answer_logprob") & (s["mode"] == "denoise")]
         for score, g in ranked.groupby("score"):
             # every k, not the best one: picking the k after seeing the CIs would be a forking path

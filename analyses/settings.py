@@ -94,8 +94,9 @@ class TracesSettings:
     Attributes:
         split: the documents' split (``test``; ``all`` for every document).
         n_docs: how many of them (None: all).
-        n_dev_docs: dev traces written beside them (None: 100 where traces carry a known
-            boundary, the embedded organism; 0 otherwise).
+        n_dev_docs: dev traces written beside them, from the dev split (the training split where
+            there is none); heads are ranked on them, never on the test traces (None: 100 for the
+            embedded organism, whose traces carry a known boundary; 50 for other models).
         template: prompt template name (None: the model family's default).
     """
 

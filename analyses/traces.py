@@ -24,7 +24,7 @@ from analyses.tasks.sources import near_misses_of
 from probes.distributed import barrier, rank_and_world, shard_for_rank
 from probes.errors import CtdInputError, input_error
 
-__all__ = ["GenerationConfig", "generate_traces", "make_traces", "resolve_model_path", "default_dev_docs"]
+__all__ = ["GenerationConfig", "generate_traces", "make_traces", "resolve_model_path", "default_dev_docs", "dev_documents"]
 
 
 GenerationConfig = GenerationSettings  # the traces stage's generation settings (analyses.settings)
@@ -173,10 +173,22 @@ def generate_traces(
 
 
 def default_dev_docs(model_dir: Path, template_name: str | None = None) -> int:
-    """Dev traces generated beside the test traces by default: 100 where traces carry a known
-    boundary (the embedded organism: they fit the ``constant`` estimator and tune the internal
-    one), none for other models (no truth to fit on; ask with ``--n-dev-docs``)."""
-    return 100 if _template_for(Path(model_dir), template_name).family == "organism" else 0
+    """Dev traces generated beside the test traces by default, for every model: the patch stage
+    ranks heads on them (never on the test traces it measures), and where traces carry a known
+    boundary (the embedded organism) they also fit the ``constant`` estimator and tune the internal
+    one. 100 for the organism, 50 for other models (each is a generation of a real model); fewer
+    when the dataset has fewer (see :func:`make_traces`)."""
+    return 100 if _template_for(Path(model_dir), template_name).family == "organism" else 50
+
+
+def dev_documents(dataset, n_dev_docs: int) -> tuple[pd.DataFrame, str]:
+    """The first ``n_dev_docs`` documents of the dev split, or of the training split for a dataset
+    without one (XC-repo folders ship train and test only); never a test document."""
+    for split in ("dev", "train"):
+        docs = dataset.split(split)
+        if len(docs):
+            return docs.head(n_dev_docs), split
+    return dataset.docs.head(0), ""
 
 
 def make_traces(
@@ -211,9 +223,15 @@ def make_traces(
     if docs.empty:
         raise input_error(run_dir, f"no documents in split {split!r}", "choose another --split or a dataset with that split")
     n_dev_docs = default_dev_docs(model_dir, template_name) if n_dev_docs is None else n_dev_docs
-    dev_docs = dataset.split("dev").head(n_dev_docs) if n_dev_docs and split != "dev" else dataset.docs.head(0)
-    if n_dev_docs and dev_docs.empty:
-        print("[traces] the dataset has no dev split: no dev traces (the constant boundary estimator will not be fitted)", file=sys.stderr)
+    dev_docs, dev_split = dev_documents(dataset, n_dev_docs) if n_dev_docs and split not in ("dev", "all") else (dataset.docs.head(0), "")
+    if n_dev_docs and split not in ("dev", "all"):
+        if dev_docs.empty:
+            print("[traces] the dataset has no dev or train documents: no dev traces (ctd patch will refuse to rank heads on test traces)", file=sys.stderr)
+        elif dev_split != "dev":
+            print(f"[traces] the dataset has no dev split: {len(dev_docs)} dev traces drawn from its {dev_split} split", file=sys.stderr)
+        elif len(dev_docs) < n_dev_docs:
+            print(f"[traces] the dev split holds {len(dev_docs)} documents: {len(dev_docs)} dev traces (asked for {n_dev_docs})", file=sys.stderr)
+    record["dev_split"] = dev_split or None
     rank, world = rank_and_world()
 
     def generate(frame: pd.DataFrame, name: str) -> pd.DataFrame:

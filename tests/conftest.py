@@ -53,8 +53,9 @@ def organism_path():
 
 # The organism fixture's notes come from a seed no default run uses (the default run draws seed 0,
 # the organism's training notes 1,000,003): tuning on the default run's dev notes never sees them
-# (tests/unit/test_icd10_and_notes.py checks that they share no note).
-FIXTURE_NOTE_SEED = 20261
+# (tests/unit/test_icd10_and_notes.py checks that they share no note with either, against all
+# 40,400 of the organism's notes; seed 20261 shared one training note, note-000417).
+FIXTURE_NOTE_SEED = 20262
 
 
 @pytest.fixture(scope="session")

@@ -80,3 +80,33 @@ def test_every_result_draws_a_figure(organism_run):
         assert fig.layout.title.text, name
         assert len(fig.data) > 0, name
     assert len(results["attribution"].kurtosis_figure().data) == 1
+
+
+def test_boundary_tuning_reads_dev_traces_only(organism_run, tmp_path, monkeypatch):
+    """`ctd characterize --tune-boundary` chooses the internal estimator's settings on dev traces:
+    it opens neither the test traces' table nor any test trace's activations."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    import analyses.io
+    from analyses.characterize import tune_boundary_run
+    from probes.store import StoreReader
+
+    run, _ = organism_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)  # the session's run stays read-only
+    test_ids = set(pd.read_parquet(copy / "traces.parquet")["doc_id"].astype(str))
+    dev_ids = set(pd.read_parquet(copy / "dev_traces.parquet")["doc_id"].astype(str))
+    assert test_ids and dev_ids and not test_ids & dev_ids
+    tables, docs = [], []
+    real_read_table, real_read = pq.read_table, StoreReader.read
+    monkeypatch.setattr(pq, "read_table", lambda path, *a, **k: tables.append(str(path)) or real_read_table(path, *a, **k))
+    monkeypatch.setattr(analyses.io.pq, "read_table", pq.read_table)
+    monkeypatch.setattr(pd, "read_parquet", lambda path, *a, **k: tables.append(str(path)) or pq.read_table(path).to_pandas())
+    monkeypatch.setattr(StoreReader, "read", lambda self, doc_id, point: docs.append(str(doc_id)) or real_read(self, doc_id, point))
+    table = tune_boundary_run(copy, progress=False)
+    assert len(table) and (copy / "boundary_tuning.parquet").exists()
+    assert docs and set(docs) <= dev_ids  # activations of dev traces, and only those
+    opened = {p.split("/")[-1] for p in tables}
+    assert "dev_traces.parquet" in opened and "traces.parquet" not in opened, opened

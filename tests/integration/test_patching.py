@@ -150,19 +150,37 @@ def test_patching_every_head_everywhere_recovers_the_whole_gap(planted, tiny_mod
     np.testing.assert_allclose(per_mode["noise"]["next"], runs.corrupt["next"], atol=1e-4)
 
 
-def test_pattern_patching_after_the_corrupted_token(planted):
+def _window_after_markers(inputs, markers, gap=3):
+    """Per trace, a window of positions strictly after the corrupted token that stops ``gap``
+    positions before the end: patches go inside it, and read-outs sit both inside and after it."""
+    return [list(range(m + 1, int(n) - gap)) for m, n in zip(markers, inputs.lengths)]
+
+
+def test_pattern_patching_acts_only_at_the_patched_query_rows(planted):
     """Patterns move where a head looks, not what it reads: the planted head's clean pattern in
     the corrupted run attends to a token that carries no marker (no recovery), while its corrupted
-    pattern in the clean run looks away from the marker (full damage). Patched at query positions
-    after the corrupted token only."""
-    bridge, inputs, readout, markers = planted
-    after = inputs.position_mask([list(range(m + 1, int(n))) for m, n in zip(markers, inputs.lengths)])
-    runs, sweep = head_sweep(bridge, inputs, [readout], positions=after, what="pattern")
-    clean, corrupt = runs.clean["target_logprob"], runs.corrupt["target_logprob"]
-    damage = {(l, h): float(np.mean(normalised_effect("noise", clean, corrupt, v["target_logprob"]))) for (l, h, mode), v in sweep.items() if mode == "noise"}
-    recovery = {(l, h): float(np.mean(normalised_effect("denoise", clean, corrupt, v["target_logprob"]))) for (l, h, mode), v in sweep.items() if mode == "denoise"}
+    pattern in the clean run looks away from the marker (full damage), at the query rows patched
+    and nowhere else. The read-outs sit inside the patched window and after it (between the
+    corruption and the end), so a patch that ignored its positions would damage both."""
+    bridge, inputs, _, markers = planted
+    window = _window_after_markers(inputs, markers)
+    after = [list(range(w[-1] + 1, int(n) - 1)) for w, n in zip(window, inputs.lengths)]
+    target = 202
+    readouts = [TokenReadout("inside", [[((p,), (target,), ()) for p in w] for w in window]), TokenReadout("after", [[((p,), (target,), ()) for p in a] for a in after])]
+    assert all(len(a) >= 2 for a in after)
+    runs, sweep = head_sweep(bridge, inputs, readouts, positions=inputs.position_mask(window), what="pattern")
+    for name in ("inside", "after"):  # both read-outs move several nats with the marker: each could show a patch
+        assert (runs.clean[name] - runs.corrupt[name] > 2.0).all(), name
+
+    def effect(name, mode, head):
+        return float(np.mean(normalised_effect(mode, runs.clean[name], runs.corrupt[name], sweep[(*head, mode)][name])))
+
+    damage = {(l, h): effect("inside", "noise", (l, h)) for (l, h, mode) in sweep if mode == "noise"}
     assert max(damage, key=damage.get) == PLANTED and damage[PLANTED] > 0.8
-    assert abs(recovery[PLANTED]) < 0.2
+    assert abs(effect("inside", "denoise", PLANTED)) < 0.2
+    # the rows after the window were not patched: the planted head there still reads its own run
+    assert abs(effect("after", "noise", PLANTED)) < 0.02
+    assert abs(effect("after", "denoise", PLANTED)) < 0.02
     # the patched rows really changed: the clean pattern of the planted head sits on the marker
     acts = head_activations(bridge, inputs.clean, inputs, [PLANTED[0]], what="pattern")[PLANTED[0]]
     last = inputs.attention_mask.shape[1] - 1
@@ -170,23 +188,46 @@ def test_pattern_patching_after_the_corrupted_token(planted):
         assert acts[b, PLANTED[1], last, inputs.offsets[b] + m] > 0.9
 
 
-def test_patch_positions_outside_the_mask_are_untouched(planted):
-    bridge, inputs, readout, markers = planted
-    acts = head_activations(bridge, inputs.corrupt, inputs, range(bridge.cfg.n_layers))
-    before = inputs.position_mask([list(range(0, m)) for m in markers])  # positions before the marker
+@pytest.mark.parametrize("what", ["z", "pattern"])
+def test_patch_positions_outside_the_mask_and_other_heads_are_untouched(planted, what):
+    """Noise-patch the planted head from the corrupted run into the clean run inside a window after
+    the corruption, where every head of the layer differs between the two runs: inside the window
+    the planted head takes the corrupted value, and nothing else changes (other heads, positions
+    outside the window, including those after it)."""
+    bridge, inputs, _, markers = planted
+    layer, head = PLANTED
+    window = inputs.position_mask(_window_after_markers(inputs, markers))
+    corrupt = head_activations(bridge, inputs.corrupt, inputs, range(bridge.cfg.n_layers), what)
+    clean = head_activations(bridge, inputs.clean, inputs, [layer], what)[layer]
     masks = head_masks([PLANTED], bridge.cfg.n_layers, bridge.cfg.n_heads)
     seen = {}
 
     def grab(tensor, hook):
-        seen["z"] = tensor.detach().clone()
+        seen["x"] = tensor.detach().clone()
 
-    clean_z = head_activations(bridge, inputs.clean, inputs, [PLANTED[0]])[PLANTED[0]]
+    hook = f"blocks.{layer}.attn.hook_{'z' if what == 'z' else 'pattern'}"
     with torch.no_grad():
-        bridge.run_with_hooks(inputs.clean, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, fwd_hooks=patch_hooks(acts, masks, before) + [(f"blocks.{PLANTED[0]}.attn.hook_z", grab)])
-    z = seen["z"]
-    changed = (z != clean_z).any(-1)  # [batch, pos, head]
-    assert not changed[~before].any()  # nothing outside the chosen positions
-    assert not changed[..., [h for h in range(bridge.cfg.n_heads) if h != PLANTED[1]]].any()  # nor other heads
+        bridge.run_with_hooks(inputs.clean, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, fwd_hooks=patch_hooks(corrupt, masks, window, what) + [(hook, grab)])
+    if what == "z":  # [batch, pos, head, d_head] -> per (batch, pos, head)
+        differs = lambda a, b: (a != b).any(-1)  # noqa: E731
+        patched, src, base = seen["x"], corrupt[layer], clean
+    else:  # [batch, head, q, k] -> per (batch, q, head)
+        differs = lambda a, b: (a != b).any(-1).permute(0, 2, 1)  # noqa: E731
+        patched, src, base = seen["x"], corrupt[layer], clean
+    real = inputs.attention_mask.bool()
+    after_marker = torch.zeros_like(real)
+    for b, m in enumerate(markers):
+        after_marker[b, inputs.offsets[b] + m + 1 :] = True
+    gap = differs(src, base)  # where the two runs differ at all
+    others = [h for h in range(bridge.cfg.n_heads) if h != head]
+    # preconditions: each assertion below could fail
+    assert gap[window][:, others].all() and gap[window][:, head].all()  # every head differs inside the window
+    assert gap[after_marker & ~window][:, head].all()  # and the planted head after it
+    changed = differs(patched, base)
+    assert changed[window][:, head].all()  # the patch took inside the window ...
+    assert not differs(patched, src)[window][:, head].any()  # ... with the corrupted run's values
+    assert not changed[~window & real].any()  # nothing outside the chosen positions
+    assert not changed[..., others].any()  # nor other heads
 
 
 def test_k_grid_and_random_sets():

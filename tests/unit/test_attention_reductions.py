@@ -80,3 +80,47 @@ def test_no_document_keys_gives_zero_kurtosis():
     pattern, queries, regions, _, n_regions, values = _batch()
     out = attention.attention_reductions(pattern, queries, regions, torch.zeros_like(regions, dtype=torch.bool), n_regions, values)
     assert (out["doc_kurtosis"] == 0).all()
+
+
+def _capture_batch(lengths, positions, seed=2):
+    """A left-padded batch as capture builds it: documents of unequal ``lengths``, each with its own
+    query ``positions`` (unpadded), padded to the widest row by repeating the row's last query."""
+    g = torch.Generator().manual_seed(seed)
+    b, h, n_regions = len(lengths), 2, 3
+    t = max(lengths)
+    offsets = [t - n for n in lengths]
+    pad = torch.arange(t)[None] < torch.tensor(offsets)[:, None]
+    causal = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)
+    logits = (torch.randn(b, h, t, t, generator=g) * 2).masked_fill(causal | pad[:, None, None, :], float("-inf"))
+    pattern = logits.softmax(-1).nan_to_num(0.0)
+    regions = torch.full((b, t), 2)  # output
+    for i, o in enumerate(offsets):
+        regions[i, o : o + 3] = 0  # prompt
+        regions[i, o + 3 : o + 8] = 1  # document of 5 keys
+    regions[pad] = -1
+    queries = torch.zeros(b, max(len(p) for p in positions), dtype=torch.long)
+    for i, p in enumerate(positions):
+        p = torch.tensor(p) + offsets[i]
+        queries[i, : len(p)], queries[i, len(p) :] = p, p[-1]
+    return pattern, queries, regions, regions == 1, n_regions, torch.rand(b, h, t, generator=g)
+
+
+# rows of unequal length and unequal numbers of queries: a short row's queries sit at the end of the
+# window, not at its first rows, so the window path must map each query to its own row
+@pytest.mark.parametrize("path", ["window", "gather"])
+def test_unequal_rows_equal_per_row_statistics(monkeypatch, path):
+    monkeypatch.setattr(attention, "_BLOCK_ELEMENTS", 2 * 2 * 20)  # blocks of 2 query rows
+    lengths = [20, 16, 11]
+    if path == "window":  # output tokens: each row's last n positions (capture's window = max n)
+        positions = [list(range(n - k, n)) for n, k in zip(lengths, [5, 3, 1])]
+        window = 5
+    else:
+        positions = [[8, 12, 15, 19], [10, 14], [9]]
+        window = None
+    batch = _capture_batch(lengths, positions)
+    out = attention.attention_reductions(*batch, query_window=window)
+    mass, vmass, kurt = _reference(*batch)
+    np.testing.assert_allclose(out["region_mass"].numpy(), mass, atol=1e-6)
+    np.testing.assert_allclose(out["value_mass"].numpy(), vmass, atol=1e-6)
+    np.testing.assert_allclose(out["doc_kurtosis"].numpy(), kurt, rtol=1e-4)
+    assert (kurt > 1).all()  # the reference is not trivially zero

@@ -135,7 +135,10 @@ def test_the_organism_fixture_shares_no_note_with_the_default_runs_dev_notes():
     """Boundary settings are tuned on the default run's dev notes; the fixture that tests them
     must not contain any of them (nor of the notes the organism was trained on)."""
     from analyses.config import RunConfig
-    from analyses.organism import OrganismConfig, organism_notes
+    import json
+
+    from analyses.organism import OrganismConfig, default_organism_path, organism_notes
+    from analyses.organism.training import TRAINING_NOTE_SEED_OFFSET
     from analyses.tasks.sources import load_dataset
     from tests.conftest import FIXTURE_NOTE_SEED
 
@@ -144,6 +147,11 @@ def test_the_organism_fixture_shares_no_note_with_the_default_runs_dev_notes():
     fixture = load_dataset("icd10cm", chapters=["9"], n_docs=600, seed=FIXTURE_NOTE_SEED).docs
     assert len(tuned_on) == 100
     assert not set(fixture["text"]) & set(tuned_on["text"])
-    config = OrganismConfig(n_train_docs=2000)  # the first notes of the organism's training stream
+    # every note the shipped organism was trained and checked on, from its own record (40,400)
+    meta = json.loads((default_organism_path() / "ctd_organism.json").read_text())
+    config = OrganismConfig(**meta["config"])
     _, trained_on = organism_notes(config)
-    assert not set(fixture["text"]) & set(trained_on["text"])
+    assert meta["note_seed"] == TRAINING_NOTE_SEED_OFFSET + config.seed
+    assert len(trained_on) == config.n_train_docs + 2 * config.n_eval_docs
+    shared = fixture[fixture["text"].isin(set(trained_on["text"]))]
+    assert shared.empty, f"the fixture shares {len(shared)} note(s) with the organism's notes, e.g. {shared['doc_id'].iloc[0]}: pick another FIXTURE_NOTE_SEED"
