@@ -41,7 +41,7 @@ def _dataset_options(args) -> dict:
 # flag dest -> path in the settings tree (a flag left at None keeps the tree's value)
 _FLAGS = {
     "run": {"out": "out", "model": "model", "seed": "seed"},
-    "traces": {"model": "model", "split": "traces.split", "n_docs": "traces.n_docs", "n_dev_docs": "traces.n_dev_docs", "template": "traces.template", "batch_size": "traces.generation.batch_size", "max_new_tokens": "traces.generation.max_new_tokens", "sample": "traces.generation.do_sample", "seed": "traces.generation.seed", "device_map": "traces.generation.device_map"},
+    "traces": {"model": "model", "split": "traces.split", "n_docs": "traces.n_docs", "n_dev_docs": "traces.n_dev_docs", "template": "traces.template", "batch_size": "traces.generation.batch_size", "max_new_tokens": "traces.generation.max_new_tokens", "sample": "traces.generation.do_sample", "seed": "traces.generation.seed", "device_map": "traces.generation.device_map", "from_file": "traces.from_file"},
     "capture": {"points": "capture.points", "positions": "capture.positions", "attention_layers": "capture.attention_layers", "batch_size": "capture.batch_size", "dtype": "capture.dtype", "padding": "capture.padding", "device_map": "capture.device_map"},
     "characterize": {"n_boot": "characterize.n_boot", "seed": "characterize.seed", "boundary_channels": "characterize.internal.channels", "boundary_smoothing": "characterize.internal.smoothing", "boundary_c": "characterize.internal.C"},
     "patch": {"n_docs": "patch.n_docs", "n_random": "patch.n_random", "what": "patch.what", "positions": "patch.sweep_positions", "no_sweep": "patch.sweep", "no_regenerate": "patch.regenerate", "seed": "patch.seed", "device_map": "patch.device_map"},
@@ -301,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     strain.add_argument("--minutes", type=float, help="time budget of the training loop")
     strain.set_defaults(func=_cmd_student_train)
 
-    traces = sub.add_parser("traces", help="generate and parse traces into a run directory")
+    traces = sub.add_parser("traces", help="generate and parse traces into a run directory (or parse a serving engine's, --from)")
     traces.add_argument("--out", required=True, help="run directory")
+    traces.add_argument("--from", dest="from_file", metavar="FILE.jsonl", help='parse the completions a serving engine wrote instead of generating: one {"doc_id", "completion"} or {"doc_id", "reasoning", "answer"} per line; rows of dev documents become the dev traces (--n-docs, --n-dev-docs and the generation flags do not apply)')
     traces.add_argument("--model", help="model folder (default: the organism)")
     traces.add_argument("--dataset", nargs="+", metavar=("SOURCE", "PATH"), help="dataset source and its folder")
     traces.add_argument("--split", help="documents' split (default test)")

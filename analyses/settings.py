@@ -98,12 +98,16 @@ class TracesSettings:
             there is none); heads are ranked on them, never on the test traces (None: 100 for the
             embedded organism, whose traces carry a known boundary; 50 for other models).
         template: prompt template name (None: the model family's default).
+        from_file: a serving engine's completions (JSONL, ``ctd traces --from``) parsed instead of
+            generating: the file names the documents (its dev documents go to the dev traces), so
+            ``n_docs``, ``n_dev_docs`` and ``generation`` do not apply (None: generate).
     """
 
     split: str = "test"
     n_docs: int | None = DEFAULT_N_TRACES
     n_dev_docs: int | None = None
     template: str | None = None
+    from_file: str | None = None
     generation: GenerationSettings = field(default_factory=GenerationSettings)
 
     def quick(self) -> "TracesSettings":

@@ -52,7 +52,7 @@ def traces(ctx: StageContext):
         n_dev = min(n_dev, 20)
     ctx.facts["model"] = {"path": str(model_dir.resolve())}
     ctx.record["template"] = _template_for(model_dir, settings.template).name
-    make_traces(ctx.run_dir, dataset, model_dir, settings.split, settings.n_docs, n_dev, settings.template, settings.generation, ctx.progress, ctx.record)
+    make_traces(ctx.run_dir, dataset, model_dir, settings.split, settings.n_docs, n_dev, settings.template, settings.generation, ctx.progress, ctx.record, from_file=settings.from_file)
     return None
 
 

@@ -55,7 +55,7 @@ def test_stored_effects_and_pooled_values_follow_from_the_per_trace_rows(patchin
         if np.isfinite(value):
             assert row.value == pytest.approx(value, rel=1e-6, abs=1e-9), row
             checked += 1
-    assert checked >= 1000
+    assert checked >= max(100, 0.95 * len(pooled))  # every summary whose gap is not zero
 
 
 def test_attribution_agrees_with_the_sweep_as_stored(patching):
