@@ -405,26 +405,27 @@ class EngineTraces:
     path: Path
     doc_ids: list
     completions: list[str]
-    lines: list[int]  # each row's line number in the file
     sha256: str
 
 
-def read_engine_traces(path: str | Path, docs: pd.DataFrame, template: PromptTemplate) -> EngineTraces:
+def read_engine_traces(path: str | Path, docs: pd.DataFrame, template: PromptTemplate, splits: tuple[str, ...] | None = None) -> EngineTraces:
     """Read and check every row of an engine's JSONL before anything is written.
 
     Each line is ``{"doc_id": ..., "completion": TEXT}`` (the raw text the engine returned for the
     document's prompt, reasoning included) or ``{"doc_id": ..., "reasoning": TEXT, "answer": TEXT}``
     (an API's split, joined by :func:`join_reasoning`). Blank lines are skipped. A bad row (bad
-    JSON, a missing field, an empty completion, a doc_id not in ``docs`` or given twice) is a
-    one-line :class:`CtdInputError` naming the file, the line and the fix.
+    JSON, a missing field, an empty completion, a doc_id not in ``docs``, given twice or of a
+    split outside ``splits`` when given) is a one-line :class:`CtdInputError` naming the file, the
+    line and the fix.
     """
     path = Path(path)
     if not path.is_file():
         raise input_error(path, "file not found", "pass --from the JSONL file the engine's completions were written to")
     raw = path.read_bytes()
     known = {str(d): d for d in docs["doc_id"]}
+    split_of = dict(zip((str(d) for d in docs["doc_id"]), docs["split"]))
     seen: dict[str, int] = {}
-    doc_ids, completions, lines = [], [], []
+    doc_ids, completions = [], []
     for number, data in enumerate(raw.split(b"\n"), start=1):
         if not data.strip():
             continue
@@ -443,13 +444,14 @@ def read_engine_traces(path: str | Path, docs: pd.DataFrame, template: PromptTem
             raise input_error(path, f"unknown doc_id {row['doc_id']!r}", "use the doc_ids of the run's docs.parquet (the documents whose prompts the engine was given, see analyses.traces.engine_prompts)", number)
         if key in seen:
             raise input_error(path, f"doc_id {row['doc_id']!r} repeats line {seen[key]}", "keep one trace per document", number)
+        if splits is not None and split_of[key] not in splits:
+            raise input_error(path, f"doc_id {row['doc_id']!r} is a {split_of[key]} document, not one of the {' or '.join(splits)} documents traced", f"drop the row, or pass --split {split_of[key]}", number)
         seen[key] = number
         completions.append(_completion_of(row, template, path, number))
         doc_ids.append(known[key])
-        lines.append(number)
     if not doc_ids:
         raise input_error(path, "no traces in the file", _ROW_FORMAT)
-    return EngineTraces(path, doc_ids, completions, lines, hashlib.sha256(raw).hexdigest())
+    return EngineTraces(path, doc_ids, completions, hashlib.sha256(raw).hexdigest())
 
 
 def import_traces(
@@ -487,17 +489,14 @@ def _import_run_traces(run_dir: Path, dataset, model_dir: Path, path: Path, spli
 
     tokenizer = load_tokenizer(model_dir)
     template = _template_for(model_dir, template_name, tokenizer)
-    rows = read_engine_traces(path, dataset.docs, template)
     dev_split = dev_documents(dataset, 0)[1] if split not in ("dev", "all") else ""
+    dev_split = "" if dev_split == split else dev_split
+    rows = read_engine_traces(path, dataset.docs, template, None if split == "all" else tuple(s for s in (split, dev_split) if s))
     position = {str(d): i for i, d in enumerate(dataset.docs["doc_id"])}
     picked: dict[str, tuple[list[int], list[str]]] = {"traces": ([], []), "dev": ([], [])}
-    for doc_id, completion, line in zip(rows.doc_ids, rows.completions, rows.lines):
+    for doc_id, completion in zip(rows.doc_ids, rows.completions):
         at = position[str(doc_id)]
-        doc_split = dataset.docs["split"].iloc[at]
-        kind = "traces" if split == "all" or doc_split == split else "dev" if doc_split == dev_split else None
-        if kind is None:
-            traced = f"the traced split {split!r}" + (f" nor the dev split {dev_split!r}" if dev_split else "")
-            raise input_error(path, f"doc_id {doc_id!r} is a {doc_split} document, neither {traced}", f"drop the row, or pass --split {doc_split}", line)
+        kind = "dev" if dev_split and dataset.docs["split"].iloc[at] == dev_split else "traces"
         picked[kind][0].append(at)
         picked[kind][1].append(completion)
     if not picked["traces"][0]:

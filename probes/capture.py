@@ -9,6 +9,7 @@ dropped as soon as the hook returns, so no layer's attention outlives its own ho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import asdict, dataclass, field
@@ -24,6 +25,7 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 from probes.attention import attention_reductions, head_value_norms, heads_view, value_gram
 from probes.distributed import barrier, merge_rank_stores, rank_and_world, shard_for_rank
 from probes.errors import CtdInputError, CtdNumericalError
+from probes.fused import AttentionStatsRequest, fused_attention
 from probes.points import REDUCTIONS, hook_name, point_of_hook
 from probes.store import DTYPES, SEP, STORE_DIR, ShardWriter
 from probes.typing import AttentionMask, TokenIds
@@ -82,8 +84,20 @@ class CaptureConfig:
     batch_size: int = 8
     padding: str = "left"
     dtype: str = "float16"
+    # ``auto``: fused attention (no T x T pattern, see probes.fused) unless pattern rows are kept;
+    # ``eager``: the bridge's own attention and hook_pattern; ``fused``: insist on fused.
+    attention: str = "auto"
+
+    @property
+    def attention_path(self) -> str:
+        """The path capture takes: ``fused`` or ``eager``."""
+        return "eager" if self.attention == "eager" or (self.attention == "auto" and self.pattern_heads) else "fused"
 
     def __post_init__(self):
+        if self.attention not in ("auto", "fused", "eager"):
+            raise CtdInputError(f"attention={self.attention!r}: use 'auto', 'fused' or 'eager'")
+        if self.attention == "fused" and self.pattern_heads:
+            raise CtdInputError("pattern rows (pattern_heads) are read from the full pattern: use attention='auto' or 'eager'")
         if self.padding not in ("left", "right"):
             raise CtdInputError(f"padding={self.padding!r}: use 'left' or 'right'")
         if self.dtype not in DTYPES:
@@ -181,6 +195,7 @@ def _capture_local(bridge, requests: list[CaptureRequest], root: Path, config: C
     last_block = max(layers_read) if layers_read and None not in layers_read else None
     with torch.no_grad():
         grams = {layer: value_gram(bridge.blocks[layer].attn.W_O.detach()) for layer in config.attention_layers}
+    fused = config.attention_path == "fused"
 
     bar = tqdm(total=len(requests), desc="capture", disable=not progress, file=sys.stderr)
     for shard_id, batch in enumerate(batches):
@@ -226,16 +241,23 @@ def _capture_local(bridge, requests: list[CaptureRequest], root: Path, config: C
                 hooks.append((hook_name("z", layer), store_point(name, lambda z, w=w_o: torch.einsum("bqhd,hdm->bqhm", heads_view(z, w.shape[0]), w))))
             else:
                 hooks.append((name, store_point(name)))
-        for layer in config.attention_layers:
+        def keep_reductions(layer: int, reduced: dict[str, Tensor]) -> None:
+            for what, tensor in reduced.items():
+                gathered[REDUCTIONS[what][0].format(layer=layer)] = tensor.to("cpu", torch.float32)
+
+        request = None
+        if fused:  # statistics from q, k and v inside the fused attention function
+            request = AttentionStatsRequest(set(config.attention_layers), query_index, key_regions, document_mask, config.n_regions, grams, on_layer=keep_reductions)
+        for layer in config.attention_layers if not fused else ():
             w_o = bridge.blocks[layer].attn.W_O.detach()
 
             def v_hook(v, hook, layer=layer, w_o=w_o):
+                if v.dim() == 4 and v.shape[1] != width and v.shape[2] == width:  # latent attention's bridge: [batch, head, pos, d]
+                    v = v.transpose(1, 2)
                 value_norms[layer] = head_value_norms(v.detach(), w_o, grams[layer])
 
             def pattern_hook(pattern, hook, layer=layer):
-                reduced = attention_reductions(pattern.detach(), query_index, key_regions, document_mask, config.n_regions, value_norms.pop(layer, None), window)
-                for what, tensor in reduced.items():
-                    gathered[REDUCTIONS[what][0].format(layer=layer)] = tensor.to("cpu", torch.float32)
+                keep_reductions(layer, attention_reductions(pattern.detach(), query_index, key_regions, document_mask, config.n_regions, value_norms.pop(layer, None), window))
 
             hooks += [(hook_name("v", layer), v_hook), (hook_name("pattern", layer), pattern_hook)]
         for layer in sorted({l for l, _ in config.pattern_heads}):
@@ -250,7 +272,7 @@ def _capture_local(bridge, requests: list[CaptureRequest], root: Path, config: C
         if last_block is not None:
             hooks.append((hook_name("resid_post", last_block), _stop_forward))
 
-        with torch.no_grad():
+        with torch.no_grad(), fused_attention(bridge, request) if fused else contextlib.nullcontext():
             bridge.run_with_hooks(
                 token_ids.to(device),
                 attention_mask=mask.to(device),

@@ -257,10 +257,12 @@ def main(argv: list[str] | None = None) -> int:
             _apply(copy, m)
             start = time.perf_counter()
             code, last = _run_tests(copy, m.tests)
-            # pytest exit 1: tests ran and failed (killed); 0: they passed (survived); other codes
-            # (collection or usage errors) do not count as a kill.
-            verdict = "killed" if code == 1 else "SURVIVED" if code == 0 else f"ERROR (pytest exit {code})"
-            if code != 1:
+            # pytest exit 1 with a failed test: killed; 0: the tests passed (survived); errors in
+            # collection or fixtures do not count as a kill.
+            # A fixture that errors also exits 1: only a failed assertion counts.
+            killed = code == 1 and " failed" in last
+            verdict = "killed" if killed else "SURVIVED" if code == 0 else f"ERROR (pytest exit {code})"
+            if not killed:
                 survivors.append(m.name)
             print(f"{m.name:<36} {verdict:<9} {time.perf_counter() - start:6.1f} s  {last}", flush=True)
             shutil.rmtree(copy, ignore_errors=True)

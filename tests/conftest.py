@@ -43,6 +43,22 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def family_models(tmp_path_factory, tiny_models, tiny_tokenizer):
+    """A tiny random folder per supported family (standard HF layout, built here, never committed)."""
+    from probes.models import build_tiny_model
+
+    root = tmp_path_factory.mktemp("families")
+    cache = dict(tiny_models)
+
+    def get(family):
+        if family not in cache:
+            cache[family] = build_tiny_model(family, root / family, tiny_tokenizer, seed=11)
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def organism_path():
     from analyses.organism import default_organism_path
 

@@ -10,20 +10,6 @@ from probes.models import SUPPORTED_ARCHITECTURES, build_tiny_model, load_hf_mod
 FAMILIES = tuple(dict.fromkeys(SUPPORTED_ARCHITECTURES.values()))
 
 
-@pytest.fixture(scope="session")
-def family_models(tmp_path_factory, tiny_models, tiny_tokenizer):
-    """A tiny random folder per supported family (standard HF layout, built here, never committed)."""
-    root = tmp_path_factory.mktemp("families")
-    cache = dict(tiny_models)
-
-    def get(family):
-        if family not in cache:
-            cache[family] = build_tiny_model(family, root / family, tiny_tokenizer, seed=11)
-        return cache[family]
-
-    return get
-
-
 def test_every_supported_architecture_has_a_tiny_builder():
     from probes.models import _TINY
 

@@ -1,0 +1,302 @@
+"""Attention statistics under fused attention: no layer's T x T pattern exists at any time.
+
+Long reasoning traces (4k-32k tokens) make eager attention's full pattern the wall of every
+attention instrument. Capture only ever stores *reductions* of the pattern, and each has an exact
+expression through fused attention:
+
+- region masses and value-weighted region masses are attention outputs whose values are per-key
+  numbers: the key's region indicator, and that indicator times ||v_k W_O^h||. They ride along in
+  the same fused call as the model's own output, as extra value columns (one pass: the scores
+  that produce the output produce the masses);
+- the fused kernel also returns each query row's log-sum-exp (LSE), so any single weight is
+  exp(q.k * scale - LSE): the document-key kurtosis reads only T x |document| scores;
+- gpt-oss sinks join the softmax's denominator only: every weight (output and masses alike) is
+  scaled by exp(LSE - logaddexp(LSE, sink)).
+
+:func:`fused_attention` switches a TransformerBridge to this path for the duration of a ``with``
+block: each attention component runs the Hugging Face module's own forward (the bridge's q/k/v/o
+sub-bridges, hence ``hook_q``/``hook_z``/``hook_attn_out`` and the residual hooks, still fire),
+whose attention function is :func:`fused_attention_forward`, registered with transformers'
+``AttentionInterface``. ``hook_pattern`` and ``hook_attn_scores`` do not fire on this path (that is
+its point); ask for eager attention where a pattern itself must be read or edited.
+
+Left-padded (or right-padded) rows are attended one row at a time over their own tokens, so
+padding never needs a T x T mask and every real token sees exactly what it would see alone.
+On CPU the kernel is PyTorch's flash attention for CPU (it returns the LSE); elsewhere, and for
+soft-capped logits, an exact blockwise computation in plain torch (memory linear in T).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from probes.attention import doc_kurtosis, head_value_norms
+from probes.errors import CtdInputError
+
+__all__ = ["AttentionStatsRequest", "fused_attention", "fused_attention_forward", "attention_with_lse", "FUSED_IMPLEMENTATION"]
+
+FUSED_IMPLEMENTATION = "ctd_fused"
+# Query rows per block where a block loop is needed (sliding windows, kurtosis, the exact path):
+# keeps a block's scores near 16 MB in float32 for 16 heads over 16k keys.
+_QUERY_BLOCK = 256
+
+_state = threading.local()
+
+
+@dataclass
+class AttentionStatsRequest:
+    """What capture wants of each layer's attention on one padded batch.
+
+    Attributes:
+        layers: layers whose statistics are computed; others run plain fused attention.
+        query_index: [batch, nq] positions (padded-batch coordinates) whose statistics are kept.
+        key_regions: [batch, key] region id of each key (-1: none, e.g. padding).
+        document_mask: [batch, key] the document's keys (the kurtosis is taken over them).
+        n_regions: number of region ids.
+        grams: per layer, W_O^h (W_O^h)^T [head, d_head, d_head] for value-weighted masses (None:
+            no value-weighted masses for that layer).
+        results: filled per layer with ``region_mass`` [batch, nq, head, region], ``doc_kurtosis``
+            [batch, nq, head] and, with a gram, ``value_mass`` [batch, nq, head, region] (float32).
+    """
+
+    layers: set[int]
+    query_index: Int[Tensor, "batch nq"]
+    key_regions: Int[Tensor, "batch key"]
+    document_mask: Bool[Tensor, "batch key"]
+    n_regions: int
+    grams: dict[int, Tensor | None] = field(default_factory=dict)
+    results: dict[int, dict[str, Tensor]] = field(default_factory=dict)
+    on_layer: object = None  # optional callable(layer, results) run as soon as a layer is reduced
+
+
+def _padding_passthrough(batch_size=None, q_length=None, kv_length=None, attention_mask=None, **kwargs):
+    """Mask "creation" for the fused path: hand the 2D padding mask through as it is (a [batch, key]
+    bool tensor or None). Rows are attended one at a time, so no 4D mask is ever built."""
+    return attention_mask
+
+
+def _register() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(FUSED_IMPLEMENTATION, fused_attention_forward)
+    AttentionMaskInterface.register(FUSED_IMPLEMENTATION, _padding_passthrough)
+
+
+def _repeat_heads(x: Tensor, n_heads: int) -> Tensor:
+    """[kv_head, pos, d] -> [head, pos, d]: head h reads kv head h // group (grouped-query attention)."""
+    group = n_heads // x.shape[0]
+    return x if group == 1 else x.repeat_interleave(group, dim=0)
+
+
+def _allowed(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """Causal (and sliding-window) visibility of keys ``k_pos`` from queries ``q_pos``, both in the
+    row's own coordinates: HF's convention keeps keys with q - window < k <= q."""
+    ok = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        ok &= k_pos[None, :] > q_pos[:, None] - window
+    return ok
+
+
+def attention_with_lse(
+    q: Float[Tensor, "head q d"],
+    k: Float[Tensor, "head k d"],
+    v: Float[Tensor, "head k dv"],
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+    exact: bool = False,
+) -> tuple[Float[Tensor, "head q dv"], Float[Tensor, "head q"]]:
+    """Causal attention of one sequence (queries and keys at the same positions) and each query's
+    log-sum-exp over its visible keys, without a [q, k] tensor of the whole sequence.
+
+    The CPU flash kernel serves when it can (no soft-cap, ``exact`` off); otherwise query rows are
+    taken in blocks, each against the keys it can see.
+    """
+    n = q.shape[1]
+    d, dv = q.shape[-1], v.shape[-1]
+    flash = q.device.type == "cpu" and softcap is None and not exact
+    if flash:
+        width = max(d, dv)  # the CPU kernel wants one head size for q, k and v: zero columns change nothing
+        qp = torch.nn.functional.pad(q, (0, width - d))[None]
+        kp = torch.nn.functional.pad(k, (0, width - d))[None]
+        vp = torch.nn.functional.pad(v, (0, width - dv))[None]
+        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        if window is None or n <= window:
+            out, lse = op(qp, kp, vp, 0.0, True, scale=scale)
+            return out[0, ..., :dv], lse[0]
+        outs, lses = [], []
+        for i0 in range(0, n, _QUERY_BLOCK):
+            i1 = min(n, i0 + _QUERY_BLOCK)
+            j0 = max(0, i0 - window + 1)
+            ok = _allowed(torch.arange(i0, i1, device=q.device), torch.arange(j0, i1, device=q.device), window)
+            bias = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
+            out, lse = op(qp[:, :, i0:i1], kp[:, :, j0:i1], vp[:, :, j0:i1], 0.0, False, attn_mask=bias[None, None], scale=scale)
+            outs.append(out[0, ..., :dv])
+            lses.append(lse[0])
+        return torch.cat(outs, 1), torch.cat(lses, 1)
+    outs, lses = [], []
+    for i0 in range(0, n, _QUERY_BLOCK):
+        i1 = min(n, i0 + _QUERY_BLOCK)
+        j0 = 0 if window is None else max(0, i0 - window + 1)
+        scores = torch.matmul(q[:, i0:i1].float(), k[:, j0:i1].float().transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        ok = _allowed(torch.arange(i0, i1, device=q.device), torch.arange(j0, i1, device=q.device), window)
+        scores = scores.masked_fill(~ok, float("-inf"))
+        lse = torch.logsumexp(scores, -1)
+        outs.append(torch.matmul(torch.exp(scores - lse[..., None]), v[:, j0:i1].float()).to(v.dtype))
+        lses.append(lse)
+    return torch.cat(outs, 1), torch.cat(lses, 1)
+
+
+def _row_extent(row_mask: Tensor | None, n: int) -> tuple[int, int]:
+    """First and one-past-last real token of a padded row; the real tokens must be contiguous."""
+    if row_mask is None:
+        return 0, n
+    real = row_mask.nonzero().flatten()
+    if not len(real):
+        return n, n
+    start, stop = int(real[0]), int(real[-1]) + 1
+    if stop - start != len(real):
+        raise CtdInputError("fused attention: a row's tokens must be contiguous (left or right padding only); use eager attention for other masks")
+    return start, stop
+
+
+def _row_stats(
+    q: Tensor, k_rep: Tensor, lse: Tensor, masses: Tensor, scale: float, window: int | None, softcap: float | None,
+    local_q: Tensor, regions: Tensor, document: Tensor, n_regions: int, with_values: bool,
+) -> dict[str, Tensor]:
+    """One row's statistics at its query positions ``local_q`` (row coordinates)."""
+    picked = masses[:, local_q].float()  # [head, nq, columns]
+    out = {"region_mass": picked[..., :n_regions].transpose(0, 1)}
+    if with_values:
+        out["value_mass"] = picked[..., n_regions : 2 * n_regions].transpose(0, 1)
+    doc_keys = document.nonzero().flatten()
+    kurt = torch.zeros(q.shape[0], len(local_q), dtype=torch.float32, device=q.device)
+    if len(doc_keys) > 1:
+        k_doc = k_rep[:, doc_keys].float()
+        valid = torch.ones(len(doc_keys), dtype=torch.bool, device=q.device)
+        for s in range(0, len(local_q), _QUERY_BLOCK):
+            rows = local_q[s : s + _QUERY_BLOCK]
+            scores = torch.matmul(q[:, rows].float(), k_doc.transpose(-1, -2)) * scale
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            weights = torch.exp(scores - lse[:, rows, None]) * _allowed(rows, doc_keys, window)
+            kurt[:, s : s + len(rows)] = doc_kurtosis(weights, valid)
+    out["doc_kurtosis"] = kurt.transpose(0, 1)
+    return out
+
+
+def fused_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None, sliding_window: int | None = None, s_aux: Tensor | None = None, softcap: float | None = None, **kwargs):
+    """transformers attention function (``AttentionInterface``): query [batch, head, pos, d] after
+    rotary embeddings, key/value [batch, kv_head, pos, d] (grouped heads not repeated), the 2D
+    padding mask. Returns the output [batch, pos, head, dv] and no weights, and fills the active
+    :class:`AttentionStatsRequest` for this layer if it asks for one."""
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise CtdInputError("fused attention receives the 2D padding mask; a prepared 4D mask needs eager attention")
+    b, n_heads, n, _ = query.shape
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    softcap = softcap if softcap is not None else getattr(module, "attn_logit_softcapping", None)
+    request: AttentionStatsRequest | None = getattr(_state, "request", None)
+    layer = getattr(module, "layer_idx", None)
+    wants = request is not None and layer in request.layers
+    exact = getattr(_state, "exact", False)
+    dv = value.shape[-1]
+    out = torch.zeros(b, n_heads, n, dv, dtype=query.dtype, device=query.device)
+    stats: dict[str, list[Tensor]] = {}
+    mask = attention_mask.bool() if attention_mask is not None else None
+    for i in range(b):
+        start, stop = _row_extent(None if mask is None else mask[i, -n:], n)
+        if start == stop:
+            continue
+        q = query[i, :, start:stop]
+        k_rep = _repeat_heads(key[i, :, start:stop], n_heads)
+        v_rep = _repeat_heads(value[i, :, start:stop], n_heads)
+        extra = None
+        if wants:
+            regions = request.key_regions[i, start:stop]
+            onehot = torch.zeros(stop - start, request.n_regions, dtype=query.dtype, device=query.device)
+            valid = regions >= 0
+            onehot[valid.nonzero().flatten(), regions[valid]] = 1
+            extra = onehot.expand(n_heads, -1, -1)
+            gram = request.grams.get(layer)
+            if gram is not None:
+                norms = head_value_norms(value[i : i + 1, :, start:stop].transpose(1, 2), None, gram)[0]  # [head, pos]
+                extra = torch.cat([extra, norms.to(query.dtype)[..., None] * onehot], -1)
+            v_rep = torch.cat([v_rep, extra], -1)
+        o, lse = attention_with_lse(q, k_rep, v_rep, scale, sliding_window, softcap, exact)
+        if s_aux is not None:  # sinks: a per-head logit in the denominator only
+            total = torch.logaddexp(lse, s_aux.float()[:, None].to(lse.device))
+            o = (o.float() * torch.exp(lse - total)[..., None]).to(o.dtype)
+            lse = total
+        out[i, :, start:stop] = o[..., :dv]
+        if wants:
+            local = request.query_index[i].to(query.device) - start
+            if (local < 0).any() or (local >= stop - start).any():
+                raise CtdInputError("fused attention: a requested query position lies in the padding")
+            row = _row_stats(q, k_rep, lse, o[..., dv:], scale, sliding_window, softcap, local, request.key_regions[i, start:stop], request.document_mask[i, start:stop], request.n_regions, request.grams.get(layer) is not None)
+            for name, t in row.items():
+                stats.setdefault(name, []).append(t)
+    if wants:
+        result = {name: torch.stack(ts) for name, ts in stats.items()}
+        request.results[layer] = result
+        if callable(request.on_layer):
+            request.on_layer(layer, result)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attention_components(bridge) -> list:
+    comps = [block.attn for block in bridge.blocks]
+    for comp in comps:
+        if getattr(comp, "original_component", None) is None:
+            raise CtdInputError(f"fused attention: {type(comp).__name__} wraps no Hugging Face attention module")
+    return comps
+
+
+@contextlib.contextmanager
+def fused_attention(bridge, request: AttentionStatsRequest | None = None, exact: bool = False):
+    """Within the block, ``bridge``'s attention runs fused (see the module docstring); ``request``
+    (optional) collects statistics per layer. ``exact``: use the blockwise torch path even where
+    the CPU kernel would serve (a reference for tests)."""
+    _register()
+    hf_model = bridge.original_model
+    config = hf_model.config
+    comps = _attention_components(bridge)
+    saved_impl = config._attn_implementation
+    patched = []
+    try:
+        for comp in comps:
+            hf_attn = comp.original_component
+            hf_forward = type(hf_attn).forward
+
+            def forward(*args, comp=comp, hf_attn=hf_attn, hf_forward=hf_forward, **kwargs):
+                if "hidden_states" in kwargs:
+                    hidden = kwargs.pop("hidden_states")
+                else:
+                    hidden, args = args[0], args[1:]
+                output = hf_forward(hf_attn, comp.hook_in(hidden), *args, **kwargs)
+                return (comp.hook_out(output[0]),) + tuple(output[1:])
+
+            # bridge components forward attribute writes to the wrapped module: set it on the component itself
+            object.__setattr__(comp, "forward", forward)
+            patched.append(comp)
+            sub_config = getattr(hf_attn, "config", None)
+            if sub_config is not None and sub_config is not config:
+                sub_config._attn_implementation = FUSED_IMPLEMENTATION
+        config._attn_implementation = FUSED_IMPLEMENTATION
+        _state.request, _state.exact = request, exact
+        yield request
+    finally:
+        _state.request, _state.exact = None, False
+        for comp in patched:
+            comp.__dict__.pop("forward", None)
+            sub_config = getattr(comp.original_component, "config", None)
+            if sub_config is not None:
+                sub_config._attn_implementation = saved_impl
+        config._attn_implementation = saved_impl

@@ -1,0 +1,128 @@
+"""Fused attention (probes.fused) against the eager bridge, the reference that reads the full pattern:
+capture's reductions, the residual stream and head writes for a tiny model of every supported
+family (sliding windows, gpt-oss sinks set non-zero, latent attention, grouped keys), on a
+left-padded batch of unequal lengths, plus the exact torch path and the query-block loop."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import probes.fused as fused
+from probes.capture import CaptureConfig, CaptureRequest, capture
+from probes.models import SUPPORTED_ARCHITECTURES, load_model
+from probes.store import StoreReader
+
+FAMILIES = tuple(dict.fromkeys(SUPPORTED_ARCHITECTURES.values()))
+REDUCED = ("region_mass", "value_mass", "doc_kurtosis")
+
+
+def _requests(vocab: int, seed: int = 0) -> list[CaptureRequest]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i, n in enumerate((26, 37, 19)):  # unequal lengths: left padding in one batch
+        ids = rng.integers(5, vocab, size=n).tolist()
+        regions = rng.integers(0, 9, size=n)
+        regions[:2] = -1
+        document = np.zeros(n, bool)
+        document[3:12] = True  # keys before some queries and after others (positions include the prompt)
+        # the last rows (the window path) for two traces, scattered rows (the gather path) for one
+        positions = np.arange(n - 10, n) if i != 1 else np.array([2, 5, 9, 14, 20, 30, 36])
+        out.append(CaptureRequest(f"t{i}", ids, positions, regions, document))
+    return out
+
+
+def _capture_both(bridge, requests, tmp_path, layers, points, **fused_options):
+    stores = {}
+    for path in ("eager", "fused"):
+        root = tmp_path / path
+        shutil.rmtree(root, ignore_errors=True)
+        capture(bridge, requests, root, CaptureConfig(points=points, attention_layers=layers, attention=path, dtype="float32", batch_size=3), progress=False)
+        stores[path] = StoreReader(root / "activations")
+    return stores
+
+
+def _compare(stores, requests, layers, points):
+    compared = 0
+    for r in requests:
+        for layer in layers:
+            for what in REDUCED:
+                name = f"blocks.{layer}.attn.hook_pattern:{what}"
+                eager, fast = stores["eager"].read(r.doc_id, name)[1], stores["fused"].read(r.doc_id, name)[1]
+                if what == "region_mass":
+                    torch.testing.assert_close(fast, eager, atol=1e-5, rtol=0, msg=name)
+                    assert eager.sum(-1).max() > 0.5 and eager.std() > 0.01  # non-trivial masses
+                elif what == "value_mass":  # masses weighted by ||v W_O||: relative to that scale
+                    torch.testing.assert_close(fast, eager, atol=1e-5 * float(eager.abs().max()), rtol=1e-5, msg=name)
+                else:
+                    torch.testing.assert_close(fast, eager, atol=1e-4, rtol=1e-4, msg=name)
+                    assert (eager[r.positions > 11] > 0).any()  # queries after the document have a kurtosis
+                compared += 1
+        for name in points:
+            torch.testing.assert_close(stores["fused"].read(r.doc_id, name)[1], stores["eager"].read(r.doc_id, name)[1], atol=1e-4, rtol=1e-4, msg=name)
+    return compared
+
+
+def _family_folder(family_models, family, tmp_path):
+    folder = family_models(family)
+    if family != "gpt_oss":
+        return folder
+    # gpt-oss: a window shorter than the traces, so the sliding-window path is exercised
+    copy = tmp_path / "gpt_oss"
+    shutil.copytree(folder, copy)
+    config = json.loads((copy / "config.json").read_text())
+    config["sliding_window"] = 8
+    (copy / "config.json").write_text(json.dumps(config))
+    return copy
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_capture_equals_the_eager_pattern(family_models, family, tmp_path):
+    bridge = load_model(_family_folder(family_models, family, tmp_path))
+    sinks = [m for m in bridge.original_model.modules() if isinstance(getattr(m, "sinks", None), torch.nn.Parameter)]
+    if family == "gpt_oss":
+        assert sinks
+        with torch.no_grad():
+            for m in sinks:  # non-zero sinks: each row's weights over real keys sum to less than 1
+                m.sinks.copy_(torch.linspace(-1.0, 2.0, m.sinks.numel()))
+    n_layers = bridge.cfg.n_layers
+    layers = list(range(n_layers))
+    points = [f"blocks.{n_layers - 1}.hook_resid_post", "blocks.0.attn.hook_result"]
+    requests = _requests(bridge.cfg.d_vocab)
+    stores = _capture_both(bridge, requests, tmp_path, layers, points)
+    assert _compare(stores, requests, layers, points) == len(requests) * len(layers) * len(REDUCED)
+
+
+def test_query_blocks_and_the_exact_path_equal_the_eager_pattern(family_models, tmp_path, monkeypatch):
+    """Blocks of 4 query rows (a sliding window of 8 spans several) and the exact torch path (what
+    runs off CPU and with soft-capped logits) give the eager numbers too."""
+    bridge = load_model(family_models("gemma3"))
+    monkeypatch.setattr(fused, "_QUERY_BLOCK", 4)
+    requests = _requests(bridge.cfg.d_vocab, seed=3)
+    layers, points = [0, 1], ["blocks.1.hook_resid_post"]
+    stores = _capture_both(bridge, requests, tmp_path, layers, points)
+    _compare(stores, requests, layers, points)
+    ids = torch.tensor([requests[1].token_ids])
+    with torch.no_grad():
+        reference = bridge(ids)
+        with fused.fused_attention(bridge, exact=True):
+            exact = bridge(ids)
+        with fused.fused_attention(bridge):
+            kernel = bridge(ids)
+    torch.testing.assert_close(exact, reference, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(kernel, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_the_bridge_returns_to_eager_attention_after_the_block(family_models):
+    bridge = load_model(family_models("qwen3"))
+    seen = []
+    ids = torch.tensor([[5, 9, 14, 22, 31]])
+    hook = [("blocks.0.attn.hook_pattern", lambda t, hook: seen.append(t.shape))]
+    with torch.no_grad(), fused.fused_attention(bridge):
+        bridge.run_with_hooks(ids, fwd_hooks=hook)
+    assert not seen  # no pattern exists on the fused path
+    bridge.run_with_hooks(ids, fwd_hooks=hook)
+    assert seen == [(1, 4, 5, 5)]
+    assert bridge.original_model.config._attn_implementation == "eager"
