@@ -79,7 +79,8 @@ def capture_traces(run_dir: str | Path, model_path: str | Path, settings: Captur
     hook_names = resolve_points(list(settings.points) or None, n_layers)
     layers = settings.attention_layers
     layers = list(range(n_layers)) if layers == "all" else [] if layers == "none" else [int(x) for x in layers]
-    config = CaptureConfig(points=hook_names, attention_layers=layers, n_regions=len(Region), batch_size=settings.batch_size, padding=settings.padding, dtype=settings.dtype)
+    config = CaptureConfig(points=hook_names, attention_layers=layers, n_regions=len(Region), batch_size=settings.batch_size, padding=settings.padding, dtype=settings.dtype, attention=settings.attention)
+    record["attention_path"] = config.attention_path
     requests = capture_requests(traces, settings.positions, run_dir / "traces.parquet")
     identity = {"model": str(model_path), "positions": settings.positions}
     root = capture(bridge, requests, run_dir, config, settings=identity, progress=progress and rank_and_world()[0] == 0)

@@ -42,7 +42,7 @@ def _dataset_options(args) -> dict:
 _FLAGS = {
     "run": {"out": "out", "model": "model", "seed": "seed"},
     "traces": {"model": "model", "split": "traces.split", "n_docs": "traces.n_docs", "n_dev_docs": "traces.n_dev_docs", "template": "traces.template", "batch_size": "traces.generation.batch_size", "max_new_tokens": "traces.generation.max_new_tokens", "sample": "traces.generation.do_sample", "seed": "traces.generation.seed", "device_map": "traces.generation.device_map", "from_file": "traces.from_file"},
-    "capture": {"points": "capture.points", "positions": "capture.positions", "attention_layers": "capture.attention_layers", "batch_size": "capture.batch_size", "dtype": "capture.dtype", "padding": "capture.padding", "device_map": "capture.device_map"},
+    "capture": {"points": "capture.points", "positions": "capture.positions", "attention_layers": "capture.attention_layers", "batch_size": "capture.batch_size", "dtype": "capture.dtype", "padding": "capture.padding", "device_map": "capture.device_map", "attention": "capture.attention"},
     "characterize": {"n_boot": "characterize.n_boot", "seed": "characterize.seed", "boundary_channels": "characterize.internal.channels", "boundary_smoothing": "characterize.internal.smoothing", "boundary_c": "characterize.internal.C"},
     "patch": {"n_docs": "patch.n_docs", "n_random": "patch.n_random", "what": "patch.what", "positions": "patch.sweep_positions", "no_sweep": "patch.sweep", "no_regenerate": "patch.regenerate", "seed": "patch.seed", "device_map": "patch.device_map"},
     "isolate": {"n_docs": "isolate.n_docs", "retriever_k": "isolate.retriever_k", "other_run": "isolate.other_run", "seed": "isolate.seed"},
@@ -327,6 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--batch-size", type=int)
     cap.add_argument("--dtype", choices=["float16", "bfloat16", "float32"])
     cap.add_argument("--padding", choices=["left", "right"])
+    cap.add_argument("--attention", choices=["auto", "fused", "eager"], help="fused: statistics from q, k, v without a T x T pattern (default); eager: the full pattern")
     cap.add_argument("--device-map", help="accelerate device map for one model across a node's GPUs (e.g. auto)")
     _common(cap)
     cap.set_defaults(func=_cmd_capture)

@@ -122,11 +122,15 @@ class CaptureSettings:
         points: activation points (keys of ``probes.points.POINTS``, ``key@layer`` or hook names).
         positions: ``output`` (CoT and answer), ``cot``, ``mentions`` or ``all``.
         attention_layers: layers whose attention is reduced in the hook: ``all``, ``none`` or a list.
+        attention: ``auto`` (fused attention: statistics from q, k and v, no T x T pattern;
+            ``probes.fused``), ``eager`` (the bridge's full pattern, read in ``hook_pattern``) or
+            ``fused``. The manifest records the path that ran.
     """
 
     points: list = field(default_factory=lambda: ["resid_post", "head_out"])
     positions: str = "output"
     attention_layers: Any = "all"
+    attention: str = "auto"
     batch_size: int = 8
     dtype: str = "float16"
     padding: str = "left"

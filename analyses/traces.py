@@ -384,11 +384,11 @@ def _completion_of(row: dict, template: PromptTemplate, path: Path, line: int) -
     if "completion" in row:
         text = row["completion"]
         if not isinstance(text, str):
-            raise input_error(path, f"completion is a {type(text).__name__}, not a string", _ROW_FORMAT, line)
+            raise input_error(path, f"completion is not a string ({type(text).__name__})", _ROW_FORMAT, line)
     elif "reasoning" in row and "answer" in row:
         for name in ("reasoning", "answer"):
             if row[name] is not None and not isinstance(row[name], str):
-                raise input_error(path, f"{name} is a {type(row[name]).__name__}, not a string or null", _ROW_FORMAT, line)
+                raise input_error(path, f"{name} is neither a string nor null ({type(row[name]).__name__})", _ROW_FORMAT, line)
         text = join_reasoning(template, row["reasoning"], row["answer"])
     else:
         problem = "neither completion nor reasoning and answer" if not has_split else f"{'reasoning' if 'reasoning' in row else 'answer'} without {'answer' if 'reasoning' in row else 'reasoning'}"
