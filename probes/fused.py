@@ -10,8 +10,8 @@ expression through fused attention:
   that produce the output produce the masses);
 - the fused kernel also returns each query row's log-sum-exp (LSE), so any single weight is
   exp(q.k * scale - LSE): the document-key kurtosis reads only T x |document| scores;
-- gpt-oss sinks join the softmax's denominator only: every weight (output and masses alike) is
-  scaled by exp(LSE - logaddexp(LSE, sink)).
+- gpt-oss sinks join the softmax's denominator only: on the kernel the sink is one more key that
+  every query sees (with a zero value), so the LSE, every weight and every gradient include it.
 
 :func:`fused_attention` switches a TransformerBridge to this path for the duration of a ``with``
 block: each attention component runs the Hugging Face module's own forward (the bridge's q/k/v/o
@@ -111,47 +111,71 @@ def attention_with_lse(
     window: int | None = None,
     softcap: float | None = None,
     exact: bool = False,
+    sinks: Float[Tensor, "head"] | None = None,
 ) -> tuple[Float[Tensor, "head q dv"], Float[Tensor, "head q"]]:
     """Causal attention of one sequence (queries and keys at the same positions) and each query's
-    log-sum-exp over its visible keys, without a [q, k] tensor of the whole sequence.
+    log-sum-exp over its visible keys (and its sink), without a [q, k] tensor of the whole sequence.
 
-    The CPU flash kernel serves when it can (no soft-cap, ``exact`` off); otherwise query rows are
-    taken in blocks, each against the keys it can see.
+    ``sinks``: a per-head logit that joins every row's softmax with a zero value (gpt-oss). On the
+    kernel it is one more key that every query sees, reached through one more dimension (query 1,
+    key sink / scale), so its gradient flows like any key's. The CPU flash kernel serves when it
+    can (no soft-cap, ``exact`` off); otherwise query rows are taken in blocks, each against the
+    keys it can see. Differentiable either way (the kernel's backward recomputes the weights).
     """
-    n = q.shape[1]
+    n, h = q.shape[1], q.shape[0]
     d, dv = q.shape[-1], v.shape[-1]
     flash = q.device.type == "cpu" and softcap is None and not exact
-    if flash:
-        width = max(d, dv)  # the CPU kernel wants one head size for q, k and v: zero columns change nothing
-        qp = torch.nn.functional.pad(q, (0, width - d))[None]
-        kp = torch.nn.functional.pad(k, (0, width - d))[None]
-        vp = torch.nn.functional.pad(v, (0, width - dv))[None]
-        op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-        if window is None or n <= window:
-            out, lse = op(qp, kp, vp, 0.0, True, scale=scale)
-            return out[0, ..., :dv], lse[0]
+    if not flash:
         outs, lses = [], []
         for i0 in range(0, n, _QUERY_BLOCK):
             i1 = min(n, i0 + _QUERY_BLOCK)
-            j0 = max(0, i0 - window + 1)
+            j0 = 0 if window is None else max(0, i0 - window + 1)
+            scores = torch.matmul(q[:, i0:i1].float(), k[:, j0:i1].float().transpose(-1, -2)) * scale
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
             ok = _allowed(torch.arange(i0, i1, device=q.device), torch.arange(j0, i1, device=q.device), window)
-            bias = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
-            out, lse = op(qp[:, :, i0:i1], kp[:, :, j0:i1], vp[:, :, j0:i1], 0.0, False, attn_mask=bias[None, None], scale=scale)
-            outs.append(out[0, ..., :dv])
-            lses.append(lse[0])
+            scores = scores.masked_fill(~ok, float("-inf"))
+            lse = torch.logsumexp(scores, -1)
+            if sinks is not None:
+                lse = torch.logaddexp(lse, sinks.float()[:, None])
+            outs.append(torch.matmul(torch.exp(scores - lse[..., None]), v[:, j0:i1].float()).to(v.dtype))
+            lses.append(lse)
         return torch.cat(outs, 1), torch.cat(lses, 1)
+    # the CPU kernel wants one head size for q, k and v: zero columns change no score
+    extra = 1 if sinks is not None else 0
+    width = max(d + extra, dv)
+    qp = torch.nn.functional.pad(q, (0, width - d))
+    kp = torch.nn.functional.pad(k, (0, width - d))
+    vp = torch.nn.functional.pad(v, (0, width - dv))
+    if sinks is not None:  # every query reads 1 in column d; the sink key holds sink / scale there
+        qp = qp.index_fill(-1, torch.tensor([d], device=q.device), 1.0)
+        sink_key = torch.zeros(h, 1, width, dtype=kp.dtype, device=kp.device)
+        sink_key[:, 0, d] = (sinks.float() / scale).to(kp.dtype)
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    if window is None or n <= window:
+        if sinks is None:
+            out, lse = op(qp[None], kp[None], vp[None], 0.0, True, scale=scale)
+            return out[0, ..., :dv], lse[0]
+        # the sink as key 0 and a dummy query 0: causal alignment then gives query i keys 0..i+1
+        q1 = torch.cat([torch.zeros_like(qp[:, :1]), qp], 1)
+        k1 = torch.cat([sink_key, kp], 1)
+        v1 = torch.cat([torch.zeros_like(vp[:, :1]), vp], 1)
+        out, lse = op(q1[None], k1[None], v1[None], 0.0, True, scale=scale)
+        return out[0, :, 1:, :dv], lse[0, :, 1:]
     outs, lses = [], []
     for i0 in range(0, n, _QUERY_BLOCK):
         i1 = min(n, i0 + _QUERY_BLOCK)
-        j0 = 0 if window is None else max(0, i0 - window + 1)
-        scores = torch.matmul(q[:, i0:i1].float(), k[:, j0:i1].float().transpose(-1, -2)) * scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
+        j0 = max(0, i0 - window + 1)
         ok = _allowed(torch.arange(i0, i1, device=q.device), torch.arange(j0, i1, device=q.device), window)
-        scores = scores.masked_fill(~ok, float("-inf"))
-        lse = torch.logsumexp(scores, -1)
-        outs.append(torch.matmul(torch.exp(scores - lse[..., None]), v[:, j0:i1].float()).to(v.dtype))
-        lses.append(lse)
+        keys, values = kp[:, j0:i1], vp[:, j0:i1]
+        if sinks is not None:
+            ok = torch.cat([torch.ones_like(ok[:, :1]), ok], 1)
+            keys = torch.cat([sink_key, keys], 1)
+            values = torch.cat([torch.zeros_like(values[:, :1]), values], 1)
+        bias = torch.zeros(ok.shape, dtype=q.dtype, device=q.device).masked_fill_(~ok, float("-inf"))
+        out, lse = op(qp[None, :, i0:i1], keys[None], values[None], 0.0, False, attn_mask=bias[None, None], scale=scale)
+        outs.append(out[0, ..., :dv])
+        lses.append(lse[0])
     return torch.cat(outs, 1), torch.cat(lses, 1)
 
 
@@ -230,11 +254,7 @@ def fused_attention_forward(module, query, key, value, attention_mask, dropout: 
                 norms = head_value_norms(value[i : i + 1, :, start:stop].transpose(1, 2), None, gram)[0]  # [head, pos]
                 extra = torch.cat([extra, norms.to(query.dtype)[..., None] * onehot], -1)
             v_rep = torch.cat([v_rep, extra], -1)
-        o, lse = attention_with_lse(q, k_rep, v_rep, scale, sliding_window, softcap, exact)
-        if s_aux is not None:  # sinks: a per-head logit in the denominator only
-            total = torch.logaddexp(lse, s_aux.float()[:, None].to(lse.device))
-            o = (o.float() * torch.exp(lse - total)[..., None]).to(o.dtype)
-            lse = total
+        o, lse = attention_with_lse(q, k_rep, v_rep, scale, sliding_window, softcap, exact, None if s_aux is None else s_aux.to(q.device))
         out[i, :, start:stop] = o[..., :dv]
         if wants:
             local = request.query_index[i].to(query.device) - start
@@ -260,10 +280,13 @@ def _attention_components(bridge) -> list:
 
 
 @contextlib.contextmanager
-def fused_attention(bridge, request: AttentionStatsRequest | None = None, exact: bool = False):
+def fused_attention(bridge, request: AttentionStatsRequest | None = None, exact: bool = False, recompute: bool = False):
     """Within the block, ``bridge``'s attention runs fused (see the module docstring); ``request``
     (optional) collects statistics per layer. ``exact``: use the blockwise torch path even where
-    the CPU kernel would serve (a reference for tests)."""
+    the CPU kernel would serve (a reference for tests). ``recompute``: each attention keeps only
+    its input for a backward pass and recomputes the rest there (activation checkpointing)."""
+    from torch.utils.checkpoint import checkpoint
+
     _register()
     hf_model = bridge.original_model
     config = hf_model.config
@@ -280,7 +303,11 @@ def fused_attention(bridge, request: AttentionStatsRequest | None = None, exact:
                     hidden = kwargs.pop("hidden_states")
                 else:
                     hidden, args = args[0], args[1:]
-                output = hf_forward(hf_attn, comp.hook_in(hidden), *args, **kwargs)
+                hidden = comp.hook_in(hidden)
+                if recompute and torch.is_grad_enabled():
+                    output = checkpoint(hf_forward, hf_attn, hidden, *args, use_reentrant=False, **kwargs)
+                else:
+                    output = hf_forward(hf_attn, hidden, *args, **kwargs)
                 return (comp.hook_out(output[0]),) + tuple(output[1:])
 
             # bridge components forward attribute writes to the wrapped module: set it on the component itself

@@ -18,10 +18,16 @@ Two ways to get every head's effect:
 - :func:`attribution_patching`: activation difference x gradient (Nanda 2023; Syed et al. 2023),
   one forward and one backward per run and read-out for all heads at once (for models too large
   to sweep); optionally averaged over points between the runs (``steps`` > 1, integrated gradients).
+
+Patching ``z`` runs under fused attention (:mod:`probes.fused`): no layer's T x T pattern is built,
+and attribution's backward goes through the fused kernel (which recomputes the pattern) with each
+block's activations recomputed rather than kept, so its memory grows linearly with the trace.
+Patching ``pattern`` needs the pattern itself, so it runs eager.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -33,6 +39,7 @@ from torch import Tensor
 from probes.attention import heads_view
 from probes.typing import AttentionMask, Logits, TokenIds
 from probes.errors import CtdInputError
+from probes.fused import fused_attention
 from probes.points import hook_name
 
 __all__ = [
@@ -179,23 +186,32 @@ def _needed(readouts: Sequence[TokenReadout], offsets: np.ndarray) -> dict[int, 
     return {b: sorted(p) for b, p in rows.items()}
 
 
-def readout_values(logits: Logits, readouts: Sequence[TokenReadout], offsets: np.ndarray) -> dict[str, Float[Tensor, "batch"]]:
-    """Each read-out per trace; log-softmax is taken only at the positions read (vocabularies are large)."""
+def readout_values(logits: Logits | Callable[[int, list[int]], Tensor], readouts: Sequence[TokenReadout], offsets: np.ndarray) -> dict[str, Float[Tensor, "batch"]]:
+    """Each read-out per trace; log-softmax is taken only at the positions read (vocabularies are large).
+
+    ``logits``: [batch, pos, vocab], or a function ``(row, padded positions) -> [n, vocab]`` that
+    computes the logits of those positions only (no [pos, vocab] tensor for the whole trace)."""
     needed = _needed(readouts, offsets)
+    rows_of = logits if callable(logits) else (lambda b, padded: logits[b, padded])
     table: dict[tuple[int, int], Tensor] = {}
     for b, padded in needed.items():
-        lp = torch.log_softmax(logits[b, padded].float(), dim=-1)
+        lp = torch.log_softmax(rows_of(b, padded).float(), dim=-1)
         for j, p in enumerate(padded):
             table[(b, p)] = lp[j]
 
     def logprob_at(b: int, p: int, t: int) -> Tensor:
         return table[(b, int(p) + int(offsets[b]))][t]
 
-    return {r.name: r.value(logprob_at, logits.shape[0]) for r in readouts}
+    return {r.name: r.value(logprob_at, len(offsets)) for r in readouts}
 
 
 def _hook(what: str, layer: int) -> str:
     return hook_name("z" if what == "z" else "pattern", layer)
+
+
+def _attention(bridge, what: str):
+    """Head outputs are patched under fused attention; patterns need the eager pattern."""
+    return fused_attention(bridge) if what == "z" else contextlib.nullcontext()
 
 
 def head_activations(bridge, tokens: TokenIds, inputs: PatchInputs, layers: Sequence[int], what: str = "z") -> dict[int, Tensor]:
@@ -210,7 +226,7 @@ def head_activations(bridge, tokens: TokenIds, inputs: PatchInputs, layers: Sequ
 
         return hook
 
-    with torch.no_grad():
+    with torch.no_grad(), _attention(bridge, what):
         bridge.run_with_hooks(tokens, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, fwd_hooks=[(_hook(what, l), grab(l)) for l in layers], return_type=None)
     return out
 
@@ -245,8 +261,9 @@ def patch_hooks(source: dict[int, Tensor], heads: dict[int, Bool[Tensor, "batch 
     return [(_hook(what, layer), make(layer, mask)) for layer, mask in heads.items() if bool(mask.any())]
 
 
-def _forward(bridge, tokens: Tensor, inputs: PatchInputs, hooks) -> Tensor:
-    return bridge.run_with_hooks(tokens, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, fwd_hooks=hooks)
+def _forward(bridge, tokens: Tensor, inputs: PatchInputs, hooks, what: str = "z") -> Tensor:
+    with _attention(bridge, what):
+        return bridge.run_with_hooks(tokens, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, fwd_hooks=hooks)
 
 
 def head_masks(heads: Sequence[Head], n_layers: int, n_heads: int) -> dict[int, Bool[Tensor, "head"]]:
@@ -280,7 +297,7 @@ def _baselines(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], wh
         for run in ("clean", "corrupt"):
             tokens = getattr(inputs, run)
             acts[run] = head_activations(bridge, tokens, inputs, layers, what)
-            logits = _forward(bridge, tokens, inputs, [])
+            logits = _forward(bridge, tokens, inputs, [], what)
             values[run] = {k: v.numpy() for k, v in readout_values(logits, readouts, inputs.offsets).items()}
     return _Runs(values["clean"], values["corrupt"], acts)
 
@@ -298,7 +315,7 @@ def head_set_effects(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadou
             for mode, (target, source) in {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}.items():
                 if mode not in modes:
                     continue
-                logits = _forward(bridge, getattr(inputs, target), inputs, patch_hooks(runs.acts[source], masks, positions, what))
+                logits = _forward(bridge, getattr(inputs, target), inputs, patch_hooks(runs.acts[source], masks, positions, what), what)
                 per_mode[mode] = {k: v.numpy() for k, v in readout_values(logits, readouts, inputs.offsets).items()}
             out.append(per_mode)
     return runs, out
@@ -380,7 +397,59 @@ class _GradientsOn:
             p.requires_grad_(False)
 
 
-def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], positions: Bool[Tensor, "batch pos"] | None = None, what: str = "z") -> dict[tuple[str, str], Float[Tensor, "batch layer head"]]:
+@contextlib.contextmanager
+def _recomputed_mlps(bridge, blocks):
+    """The MLPs of ``blocks`` keep only their input for the backward and recompute the rest there
+    (activation checkpointing; their hidden layer is the widest activation of a block). Attention
+    is recomputed by :func:`~probes.fused.fused_attention` itself. Whole bridge blocks are not
+    checkpointed: they keep per-call state that a recomputation would not see again."""
+    from torch.utils.checkpoint import checkpoint
+
+    patched = []
+    try:
+        for block in blocks:
+            mlp = block.mlp
+            forward = mlp.forward
+
+            def recomputed(*args, forward=forward, **kwargs):
+                return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+
+            object.__setattr__(mlp, "forward", recomputed)  # on the component itself, not the wrapped module
+            patched.append(mlp)
+        yield
+    finally:
+        for mlp in patched:
+            mlp.__dict__.pop("forward", None)
+
+
+def _dense_mlp(block) -> bool:
+    """Mixture-of-experts layers route tokens with data-dependent shapes: they are not recomputed."""
+    return not any("expert" in name for name, _ in block.mlp.named_modules())
+
+
+def _final_residual(bridge, tokens: Tensor, inputs: PatchInputs) -> Tensor:
+    """The residual stream after the last block [batch, pos, d_model]; the unembedding is left to
+    :func:`readout_values` at the positions it reads."""
+    from transformer_lens.model_bridge.exceptions import StopAtLayerException
+
+    seen: dict[str, Tensor] = {}
+
+    def stop(tensor, hook):
+        seen["resid"] = tensor
+        raise StopAtLayerException(tensor)  # the bridge's forward ends here, before the unembedding
+
+    last = bridge.cfg.n_layers - 1
+    with bridge.hooks(fwd_hooks=[(hook_name("resid_post", last), stop)], reset_hooks_end=True):
+        try:
+            bridge(tokens, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, return_type=None, use_cache=False)  # a KV cache would grow again when the backward recomputes attention
+        except StopAtLayerException:
+            pass
+    if "resid" not in seen:
+        raise CtdInputError("attribution patching: the forward did not reach the last block's residual stream")
+    return seen["resid"]
+
+
+def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], positions: Bool[Tensor, "batch pos"] | None = None, what: str = "z", recompute: bool = True) -> dict[tuple[str, str], Float[Tensor, "batch layer head"]]:
     """Linear estimates of every head's patched-minus-unpatched read-out, all heads at once.
 
     Denoise: (a_clean - a_corrupt) . dR/da at the corrupted run; noise: (a_corrupt - a_clean) .
@@ -388,6 +457,11 @@ def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenRe
     product is summed over the patched positions and the head's dimensions. One forward and one
     backward per run and read-out. Returns ``{(mode, readout): [batch, layer, head]}`` in the
     read-out's units.
+
+    For ``z``, dR/da is the gradient of a zero offset added to each layer's ``hook_z`` (only the
+    offsets require grad, never a weight), the attention is fused, the logits are formed only at
+    the positions read, and with ``recompute`` attention and dense MLPs recompute their
+    activations in the backward: working memory linear in the trace's length.
     """
     n_layers = bridge.cfg.n_layers
     positions = inputs.position_mask() if positions is None else positions
@@ -395,6 +469,29 @@ def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenRe
         acts = {run: head_activations(bridge, getattr(inputs, run), inputs, range(n_layers), what) for run in ("clean", "corrupt")}
     out: dict[tuple[str, str], Tensor] = {}
     for mode, (target, source) in {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}.items():
+        tokens = getattr(inputs, target)
+        if what == "z":
+            offsets = {l: torch.zeros_like(acts[target][l], requires_grad=True) for l in range(n_layers)}
+
+            def add(layer: int):
+                def hook(tensor, hook):
+                    return tensor + offsets[layer].to(tensor.dtype)
+
+                return hook
+
+            blocks = [b for b in bridge.blocks if recompute and _dense_mlp(b)]
+            with torch.enable_grad(), fused_attention(bridge, recompute=recompute), _recomputed_mlps(bridge, blocks), bridge.hooks(fwd_hooks=[(_hook(what, l), add(l)) for l in range(n_layers)], reset_hooks_end=True):
+                resid = _final_residual(bridge, tokens, inputs)
+
+                def logits_at(b: int, padded: list[int]) -> Tensor:
+                    return bridge.unembed(bridge.ln_final(resid[b : b + 1, padded]))[0]
+
+                values = readout_values(logits_at, readouts, inputs.offsets)
+                for i, r in enumerate(readouts):
+                    total = torch.nan_to_num(values[r.name]).sum()
+                    grads = torch.autograd.grad(total, [offsets[l] for l in range(n_layers)], retain_graph=i < len(readouts) - 1, allow_unused=True)
+                    out[(mode, r.name)] = _attribution_products(grads, acts, source, target, positions, what, bridge.cfg.n_heads)
+            continue
         live: dict[int, Tensor] = {}
 
         def make(layer: int):
@@ -405,19 +502,24 @@ def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenRe
             return hook
 
         with torch.enable_grad(), _GradientsOn(bridge):
-            logits = _forward(bridge, getattr(inputs, target), inputs, [(_hook(what, l), make(l)) for l in range(n_layers)])
+            logits = _forward(bridge, tokens, inputs, [(_hook(what, l), make(l)) for l in range(n_layers)], what)
             values = readout_values(logits, readouts, inputs.offsets)
             for i, r in enumerate(readouts):
                 total = torch.nan_to_num(values[r.name]).sum()
                 grads = torch.autograd.grad(total, [live[l] for l in range(n_layers)], retain_graph=i < len(readouts) - 1, allow_unused=True)
-                per_layer = []
-                for layer, g in enumerate(grads):
-                    delta = acts[source][layer] - acts[target][layer]
-                    product = delta * (g.detach() if g is not None else torch.zeros_like(delta))
-                    if what == "z":  # [batch, pos, head, d_head]
-                        product = heads_view(product, bridge.cfg.n_heads)
-                        per_layer.append((product * positions[:, :, None, None]).sum((1, 3)))
-                    else:  # [batch, head, q, k]
-                        per_layer.append((product * positions[:, None, :, None]).sum((2, 3)))
-                out[(mode, r.name)] = torch.stack(per_layer, dim=1)
+                out[(mode, r.name)] = _attribution_products(grads, acts, source, target, positions, what, bridge.cfg.n_heads)
     return out
+
+
+def _attribution_products(grads, acts, source: str, target: str, positions: Tensor, what: str, n_heads: int) -> Tensor:
+    """(a_source - a_target) . gradient, summed over patched positions and each head's dimensions: [batch, layer, head]."""
+    per_layer = []
+    for layer, g in enumerate(grads):
+        delta = acts[source][layer] - acts[target][layer]
+        product = delta * (g.detach() if g is not None else torch.zeros_like(delta))
+        if what == "z":  # [batch, pos, head, d_head]
+            product = heads_view(product, n_heads)
+            per_layer.append((product * positions[:, :, None, None]).sum((1, 3)))
+        else:  # [batch, head, q, k]
+            per_layer.append((product * positions[:, None, :, None]).sum((2, 3)))
+    return torch.stack(per_layer, dim=1)

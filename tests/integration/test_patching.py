@@ -1,9 +1,12 @@
 """The patching instrument recovers a planted causal head, and its invariants hold."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
 
+from probes.fused import fused_attention
 from probes.models import load_model
 from probes.patching import (
     PatchInputs,
@@ -206,7 +209,8 @@ def test_patch_positions_outside_the_mask_and_other_heads_are_untouched(planted,
         seen["x"] = tensor.detach().clone()
 
     hook = f"blocks.{layer}.attn.hook_{'z' if what == 'z' else 'pattern'}"
-    with torch.no_grad():
+    attention = fused_attention(bridge) if what == "z" else contextlib.nullcontext()  # the path head_activations took
+    with torch.no_grad(), attention:
         bridge.run_with_hooks(inputs.clean, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids, fwd_hooks=patch_hooks(corrupt, masks, window, what) + [(hook, grab)])
     if what == "z":  # [batch, pos, head, d_head] -> per (batch, pos, head)
         differs = lambda a, b: (a != b).any(-1)  # noqa: E731
