@@ -465,33 +465,12 @@ def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenRe
     """
     n_layers = bridge.cfg.n_layers
     positions = inputs.position_mask() if positions is None else positions
+    if what == "z":
+        return _attribution_at_z(bridge, inputs, readouts, positions, recompute)
     with torch.no_grad():
         acts = {run: head_activations(bridge, getattr(inputs, run), inputs, range(n_layers), what) for run in ("clean", "corrupt")}
     out: dict[tuple[str, str], Tensor] = {}
     for mode, (target, source) in {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}.items():
-        tokens = getattr(inputs, target)
-        if what == "z":
-            offsets = {l: torch.zeros_like(acts[target][l], requires_grad=True) for l in range(n_layers)}
-
-            def add(layer: int):
-                def hook(tensor, hook):
-                    return tensor + offsets[layer].to(tensor.dtype)
-
-                return hook
-
-            blocks = [b for b in bridge.blocks if recompute and _dense_mlp(b)]
-            with torch.enable_grad(), fused_attention(bridge, recompute=recompute), _recomputed_mlps(bridge, blocks), bridge.hooks(fwd_hooks=[(_hook(what, l), add(l)) for l in range(n_layers)], reset_hooks_end=True):
-                resid = _final_residual(bridge, tokens, inputs)
-
-                def logits_at(b: int, padded: list[int]) -> Tensor:
-                    return bridge.unembed(bridge.ln_final(resid[b : b + 1, padded]))[0]
-
-                values = readout_values(logits_at, readouts, inputs.offsets)
-                for i, r in enumerate(readouts):
-                    total = torch.nan_to_num(values[r.name]).sum()
-                    grads = torch.autograd.grad(total, [offsets[l] for l in range(n_layers)], retain_graph=i < len(readouts) - 1, allow_unused=True)
-                    out[(mode, r.name)] = _attribution_products(grads, acts, source, target, positions, what, bridge.cfg.n_heads)
-            continue
         live: dict[int, Tensor] = {}
 
         def make(layer: int):
@@ -502,13 +481,50 @@ def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenRe
             return hook
 
         with torch.enable_grad(), _GradientsOn(bridge):
-            logits = _forward(bridge, tokens, inputs, [(_hook(what, l), make(l)) for l in range(n_layers)], what)
+            logits = _forward(bridge, getattr(inputs, target), inputs, [(_hook(what, l), make(l)) for l in range(n_layers)], what)
             values = readout_values(logits, readouts, inputs.offsets)
             for i, r in enumerate(readouts):
                 total = torch.nan_to_num(values[r.name]).sum()
                 grads = torch.autograd.grad(total, [live[l] for l in range(n_layers)], retain_graph=i < len(readouts) - 1, allow_unused=True)
                 out[(mode, r.name)] = _attribution_products(grads, acts, source, target, positions, what, bridge.cfg.n_heads)
     return out
+
+
+def _attribution_at_z(bridge, inputs: PatchInputs, readouts: Sequence[TokenReadout], positions: Tensor, recompute: bool) -> dict[tuple[str, str], Tensor]:
+    """Attribution at head outputs: one forward and backward per run, each run's ``z`` recorded in
+    its own forward (the other mode's forward is the other run), products formed at the end."""
+    n_layers = bridge.cfg.n_layers
+    acts: dict[str, dict[int, Tensor]] = {}
+    grads_of: dict[tuple[str, str], list] = {}
+    runs = {"denoise": ("corrupt", "clean"), "noise": ("clean", "corrupt")}
+    for mode, (target, _) in runs.items():
+        offsets: dict[int, Tensor] = {}
+        seen: dict[int, Tensor] = {}
+
+        def add(layer: int):
+            def hook(tensor, hook):
+                if layer not in seen:  # the first pass; a recomputation in the backward sees the same values
+                    seen[layer] = tensor.detach().clone()
+                    offsets[layer] = torch.zeros_like(seen[layer], requires_grad=True)
+                return tensor + offsets[layer].to(tensor.dtype)
+
+            return hook
+
+        blocks = [b for b in bridge.blocks if recompute and _dense_mlp(b)]
+        hooks = [(_hook("z", l), add(l)) for l in range(n_layers)]
+        with torch.enable_grad(), fused_attention(bridge, recompute=recompute), _recomputed_mlps(bridge, blocks), bridge.hooks(fwd_hooks=hooks, reset_hooks_end=True):
+            resid = _final_residual(bridge, getattr(inputs, target), inputs)
+
+            def logits_at(b: int, padded: list[int]) -> Tensor:
+                return bridge.unembed(bridge.ln_final(resid[b : b + 1, padded]))[0]
+
+            values = readout_values(logits_at, readouts, inputs.offsets)
+            for i, r in enumerate(readouts):
+                total = torch.nan_to_num(values[r.name]).sum()
+                grads = torch.autograd.grad(total, [offsets[l] for l in range(n_layers)], retain_graph=i < len(readouts) - 1, allow_unused=True)
+                grads_of[(mode, r.name)] = [None if g is None else g.detach() for g in grads]
+        acts[target] = seen
+    return {key: _attribution_products(grads, acts, runs[key[0]][1], runs[key[0]][0], positions, "z", bridge.cfg.n_heads) for key, grads in grads_of.items()}
 
 
 def _attribution_products(grads, acts, source: str, target: str, positions: Tensor, what: str, n_heads: int) -> Tensor:
