@@ -406,6 +406,16 @@ def _final_layer_pca(store, traces: pd.DataFrame, n_layers: int, d_model: int, s
     return PCA(n_components=min(3, d_model), random_state=seed).fit(np.concatenate(sample))
 
 
+def _dev_split_of(run_dir: Path) -> str | None:
+    """The split the run's dev traces were drawn from, as the traces stage recorded it."""
+    from analyses.io import Manifest
+
+    try:
+        return Manifest(run_dir).data.get("stages", {}).get("traces", {}).get("dev_split")
+    except Exception:  # a run directory without a manifest (tests build some by hand)
+        return None
+
+
 def _usable_traces(path: Path) -> pd.DataFrame:
     traces = read_parquet(path, required=("doc_id", "output_ids", "cot_start", "cot_end", "regions", "mentions"))
     return traces[traces["cot_end"] - traces["cot_start"] >= 8].reset_index(drop=True)  # too short to split
@@ -475,9 +485,15 @@ def characterize(
         # Rankings that later stages act on (patching, distillation) come from dev traces, so the
         # test traces they are measured on never chose the heads. Dev traces split at their true
         # boundary where it is known (it is no test trace's), else at the unsupervised estimate.
-        dev_tau = estimate_boundaries(dev, estimators=("internal_unsupervised",), store=store, layers=list(range(n_layers)), pca=pca, internal=internal).tau("internal_unsupervised", prefer_truth=True)
+        # The unsupervised estimate's projection is fitted on the dev traces too: nothing of the
+        # test traces reaches the dev ranking.
+        dev_pca = _final_layer_pca(store, dev, n_layers, bridge.cfg.d_model, seed)
+        dev_tau = estimate_boundaries(dev, estimators=("internal_unsupervised",), store=store, layers=list(range(n_layers)), pca=dev_pca, internal=internal).tau("internal_unsupervised", prefer_truth=True)
         dev_scores = compute_head_scores(store, bridge, dev, dataset.docs, dataset.labels, dev_tau, n_boot, seed)
-        dev_scores.meta["traces"] = f"{len(dev)} dev traces ({dev_path.name})"
+        drawn_from = _dev_split_of(run_dir)
+        dev_scores.meta["traces"] = f"{len(dev)} dev traces ({dev_path.name}" + (f", drawn from the {drawn_from} split" if drawn_from not in (None, "dev") else "") + ")"
+        dev_scores.meta["split"] = drawn_from or "dev"
+        dev_scores.meta["doc_ids"] = sorted(dev["doc_id"].astype(str))
         results["dev_head_scores"] = dev_scores
     timings["head_scores"] = time.perf_counter() - t0
     t0 = time.perf_counter()

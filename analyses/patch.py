@@ -464,7 +464,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
         },
         "normalisation": "recovery (denoise) = (patched - corrupt)/(clean - corrupt); damage (noise) = (clean - patched)/(clean - corrupt); summaries pool traces as a ratio of sums, bootstrap 95% CI over traces",
         "ranking": f"CoarseScore / RefineScore on {ranked_on}",
-        "ranked_on": {"split": "dev", "traces": ranked_on, "file": dev_scores_path.name},
+        "ranked_on": {"split": dev_scores.meta.get("split", "dev"), "traces": ranked_on, "file": dev_scores_path.name, "doc_ids": dev_scores.meta.get("doc_ids")},
         "measured_on": {"split": "test", "traces": f"{n} test traces (traces.parquet)"},
         "ks": ks,
         "random_sets": f"{settings.n_random} seeded draws of k heads outside the ranked top k",

@@ -259,7 +259,7 @@ def child(method: str, folder: Path, length: int, device: str, dtype: str, work:
                         saved.append(out[:, PROMPT:].save())
                     else:
                         weights = layer.self_attn.output[1]  # eager attention returns its weights
-                        saved.append((weights[:, :, PROMPT:, :] @ onehot).save())
+                        saved.append((weights[:, :, PROMPT:, :] @ onehot[: ids_.shape[1]]).save())
             return saved
 
         with torch.no_grad():

@@ -12,6 +12,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
+from probes.errors import CtdInputError
 from probes.typing import KeyMask, Pattern
 
 __all__ = ["doc_kurtosis", "attention_reductions", "value_gram", "head_value_norms", "heads_view"]
@@ -70,7 +71,9 @@ def attention_reductions(
     if query_window is not None:
         start = n_queries - query_window
         rows = pattern[:, :, start:, :]  # a view: no copy of the pattern
-        local_index = (query_index - start).clamp(min=0)
+        if bool((query_index < start).any()):
+            raise CtdInputError(f"attention_reductions: a query lies before the window of the last {query_window} positions")
+        local_index = query_index - start
         n_rows = rows.shape[2]
     else:  # the query rows are gathered one block at a time
         rows, local_index, n_rows = None, None, query_index.shape[1]

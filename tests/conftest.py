@@ -72,6 +72,7 @@ def organism_path():
 # (tests/unit/test_icd10_and_notes.py checks that they share no note with either, against all
 # 40,400 of the organism's notes; seed 20261 shared one training note, note-000417).
 FIXTURE_NOTE_SEED = 20262
+FIXTURE_DATA_OPTIONS = {"chapters": ["9"], "n_docs": 600}
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +84,7 @@ def organism_run(tmp_path_factory, organism_path):
     from analyses.stages import run as run_stage
 
     run = tmp_path_factory.mktemp("organism_run")
-    config = RunConfig(model=str(organism_path), seed=FIXTURE_NOTE_SEED, data=DataSettings(options={"chapters": ["9"], "n_docs": 600}))
+    config = RunConfig(model=str(organism_path), seed=FIXTURE_NOTE_SEED, data=DataSettings(options=dict(FIXTURE_DATA_OPTIONS)))
     config = replace(config, traces=replace(config.traces, n_docs=60))
     for stage in ("data", "traces", "capture"):
         run_stage(stage, run, config, progress=False)

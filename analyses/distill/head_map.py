@@ -20,8 +20,8 @@ def choose_teacher_heads(run_dir: Path, k: int) -> tuple[list[Head], list[Head],
 
     When the patch stage has run with phase-specific sweeps, the heads with the largest measured
     recovery (denoise, gold answer-code log-prob) when patched at phase-1 positions, respectively
-    at phase-2 positions; otherwise the top CoarseScore / RefineScore heads on dev traces (test
-    traces when the run has no dev head scores).
+    at phase-2 positions; otherwise the top CoarseScore / RefineScore heads on dev traces (a run
+    without dev head scores stops with the fix).
     """
     from analyses.io import read_parquet
 
@@ -35,8 +35,11 @@ def choose_teacher_heads(run_dir: Path, k: int) -> tuple[list[Head], list[Head],
                 top = s[s["positions"] == positions].sort_values("value", ascending=False).head(k)
                 picks.append([(int(r.layer), int(r.head)) for r in top.itertuples()])
             return picks[0], picks[1], "causal effect: largest recovery when patched alone at phase-1 (phase-2) positions, patching.parquet"
-    dev = run_dir / "dev_head_scores.parquet"
-    source = dev if dev.exists() else run_dir / "head_scores.parquet"
+    source = run_dir / "dev_head_scores.parquet"
+    if not source.exists():  # never the test traces' scores: the students are scored on test notes
+        from probes.errors import input_error
+
+        raise input_error(source, "no head scores on dev traces to choose the teacher heads with", "run `ctd traces` with --n-dev-docs N (N > 0), then `ctd capture` and `ctd characterize`")
     scores = read_parquet(source, required=("layer", "head", "score", "rank"))
     phase1 = [(int(r.layer), int(r.head)) for r in scores[scores["score"] == "coarse"].nsmallest(k, "rank").itertuples()]
     phase2 = [(int(r.layer), int(r.head)) for r in scores[scores["score"] == "refine"].nsmallest(k, "rank").itertuples()]

@@ -10,8 +10,13 @@ head pairs (teacher head -> student head):
   cos(student write, student gradient of the gold-vs-near-miss margin); L_int = -(mass on gold
   mentions - mass on near-miss mentions) . cos(write, gradient) (RefineScore's product).
 
-Directions (the anchor direction, the margin gradient) are detached: only the heads' own
-parameters can lower L_write and L_int, never the unembedding moving towards the heads.
+Directions (the anchor direction, the margin gradient) are detached: the unembedding never moves
+towards the heads. Precisely, L_write of student head (l, h) has a gradient on exactly: the head's
+own columns of W_O and rows of W_Q, the rows of W_K and W_V of its key/value group, layer l's q/k
+norms and input norm, and everything upstream of layer l (the embeddings and earlier layers: the
+stream the head reads); on nothing else (not the unembedding or final norm, not layer l's MLP or
+later layers, not another head's W_O columns or W_Q rows). tests/integration/test_distill.py checks
+exactly this set.
 Teacher attention comes from cached rows (:mod:`analyses.distill.data`), never a teacher forward.
 """
 

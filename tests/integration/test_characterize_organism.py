@@ -110,3 +110,17 @@ def test_boundary_tuning_reads_dev_traces_only(organism_run, tmp_path, monkeypat
     assert docs and set(docs) <= dev_ids  # activations of dev traces, and only those
     opened = {p.split("/")[-1] for p in tables}
     assert "dev_traces.parquet" in opened and "traces.parquet" not in opened, opened
+
+
+def test_dev_head_scores_come_from_dev_traces(organism_run):
+    """The ranking later stages act on is computed on dev traces: its record names them, and its
+    values are not the test traces' scores (a ranking computed on test traces would equal them)."""
+    run, results = organism_run
+    dev_ids = set(pd.read_parquet(run / "dev_traces.parquet")["doc_id"].astype(str))
+    test_ids = set(pd.read_parquet(run / "traces.parquet")["doc_id"].astype(str))
+    dev_scores, test_scores = results["dev_head_scores"], results["head_scores"]
+    assert set(dev_scores.meta["doc_ids"]) <= dev_ids and not set(dev_scores.meta["doc_ids"]) & test_ids
+    assert dev_scores.meta["split"] == "dev" and "dev traces" in dev_scores.meta["traces"]
+    key = ["score", "layer", "head"]
+    both = dev_scores.frame.set_index(key)["value"].align(test_scores.frame.set_index(key)["value"], join="inner")
+    assert len(both[0]) == len(test_scores.frame) and not np.allclose(both[0], both[1])

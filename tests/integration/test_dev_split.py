@@ -69,3 +69,17 @@ def test_the_report_names_the_traces_heads_were_ranked_on(quick_run, tmp_path, c
     sentences = " ".join(causal_findings(run))
     assert "ranked on test traces" in sentences and "circular" in sentences and "dev traces" not in sentences
     assert f"over {n_test} test traces" in sentences
+
+
+def test_patching_ranks_heads_with_the_dev_scores_it_records(quick_run):
+    """patching.parquet's record of the ranking is the dev_head_scores table, head for head, and
+    names the dev traces it came from."""
+    from analyses.results import HeadScores
+
+    patching = PatchingResult.load(quick_run / "patching.parquet")
+    dev = HeadScores.load(quick_run / "dev_head_scores.parquet")
+    recorded = pd.DataFrame(patching.meta["dev_scores"]).sort_values(["score", "layer", "head"]).reset_index(drop=True)
+    stored = dev.frame[["layer", "head", "score", "value", "rank"]].sort_values(["score", "layer", "head"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(recorded, stored, check_dtype=False)
+    dev_ids = set(pd.read_parquet(quick_run / "dev_traces.parquet")["doc_id"].astype(str))
+    assert set(patching.meta["ranked_on"]["doc_ids"]) <= dev_ids and patching.meta["ranked_on"]["split"] == "dev"

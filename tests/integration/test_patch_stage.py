@@ -75,5 +75,8 @@ def test_attribution_agrees_with_the_sweep_as_stored(patching):
         ok = np.isfinite(a) & np.isfinite(b)
         assert row.value == pytest.approx(spearmanr(a[ok], b[ok]).statistic, abs=1e-9)
         assert row.ci_low <= row.value <= row.ci_high
+        # the same units, not only the same order: per head, the linear estimate sits near the
+        # sweep's effect (median 0.001-0.07 of the gap measured; a wrong baseline shifts it by 1)
+        assert np.median(np.abs(a[ok] - b[ok])) < 0.25, (row.mode, row.readout)
     logprob = agreement[agreement["readout"] == "answer_logprob"]
     assert (logprob["value"] > 0.5).all() and (logprob["ci_low"] > 0).all(), logprob[["mode", "value", "ci_low", "ci_high"]]

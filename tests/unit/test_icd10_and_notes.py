@@ -140,11 +140,11 @@ def test_the_organism_fixture_shares_no_note_with_the_default_runs_dev_notes():
     from analyses.organism import OrganismConfig, default_organism_path, organism_notes
     from analyses.organism.training import TRAINING_NOTE_SEED_OFFSET
     from analyses.tasks.sources import load_dataset
-    from tests.conftest import FIXTURE_NOTE_SEED
+    from tests.conftest import FIXTURE_DATA_OPTIONS, FIXTURE_NOTE_SEED
 
     default = RunConfig()
     tuned_on = load_dataset(default.data.source, seed=default.seed, **default.data.options).split("dev").head(100)  # the dev traces of a default run
-    fixture = load_dataset("icd10cm", chapters=["9"], n_docs=600, seed=FIXTURE_NOTE_SEED).docs
+    fixture = load_dataset("icd10cm", seed=FIXTURE_NOTE_SEED, **FIXTURE_DATA_OPTIONS).docs
     assert len(tuned_on) == 100
     assert not set(fixture["text"]) & set(tuned_on["text"])
     # every note the shipped organism was trained and checked on, from its own record (40,400)

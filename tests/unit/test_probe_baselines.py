@@ -12,9 +12,13 @@ KEY = ("phase", 0, 0)
 SEED = 0
 
 
-def _data(features, labels, docs, tokens):
-    """One cell of examples in probe_examples' layout (features, label, doc, current id, previous id)."""
-    return {KEY: [(f, int(y), d, int(t), int(t)) for f, y, d, t in zip(features, labels, docs, tokens)]}
+def _data(features, labels, docs, tokens, previous=None):
+    """One cell of examples in probe_examples' layout (features, label, doc, current id, previous id).
+    The previous ids are drawn independently of the current ones (a control task keyed on the
+    previous token would then not be memorisable from features that carry the current one)."""
+    if previous is None:
+        previous = np.random.default_rng(99).integers(1000, 1050, len(tokens))
+    return {KEY: [(f, int(y), d, int(t), int(p)) for f, y, d, t, p in zip(features, labels, docs, tokens, previous)]}
 
 
 def _cell(result):
@@ -96,3 +100,37 @@ def test_control_rate_comes_from_training_rows(monkeypatch):
     assert rate == pytest.approx(labels[~test].mean()) and rate == pytest.approx(0.1, abs=0.01)
     assert control[~test].mean() < 0.2  # the control labels themselves sit near 0.1 on training rows
     assert "training" in result.meta["baselines"]["control_task"]
+
+
+def test_every_baseline_is_fitted_on_the_training_documents_only(monkeypatch):
+    """The probe, the control task and the token baseline learn from the training documents'
+    rows and are scored on the held-out documents' rows, never fitted on them."""
+    rng = np.random.default_rng(3)
+    docs = _documents(30, 20)
+    tokens = rng.integers(0, 20, len(docs))
+    features = rng.standard_normal((len(docs), 8)).astype(np.float32)
+    labels = (features[:, 0] > 0).astype(np.int64)
+    test = split_by_document(docs, 0.3, SEED)
+    masks, token_fits = [], []
+    real_fit, real_tokens = characterize.fit_probe_bank, characterize.token_identity_predict
+    monkeypatch.setattr(characterize, "fit_probe_bank", lambda problems, train, **kw: masks.append([np.asarray(m).copy() for m in train]) or real_fit(problems, train, **kw))
+    monkeypatch.setattr(characterize, "token_identity_predict", lambda train_tokens, train_labels, test_tokens: token_fits.append((len(train_tokens), len(test_tokens))) or real_tokens(train_tokens, train_labels, test_tokens))
+    _cell(characterize.probe_table(_data(features, labels, docs, tokens), n_layers=1, n_boot=20, seed=SEED))
+    assert len(masks) == 2  # the probe bank and the control task's bank
+    for bank in masks:
+        np.testing.assert_array_equal(bank[0], ~test)
+    assert token_fits == [(int((~test).sum()), int(test.sum()))]
+
+
+def test_token_baseline_reads_training_labels_not_held_out_ones():
+    # Held-out rows carry the opposite label of the training rows of the same token: a baseline fitted
+    # on training rows is always wrong on them; one that saw the held-out labels would be right.
+    docs = _documents(30, 20)
+    test = split_by_document(docs, 0.3, SEED)
+    tokens = np.arange(len(docs)) % 10
+    labels = (tokens % 2 == 0).astype(np.int64)
+    labels[test] = 1 - labels[test]
+    rng = np.random.default_rng(4)
+    features = rng.standard_normal((len(docs), 4)).astype(np.float32)
+    row = _cell(characterize.probe_table(_data(features, labels, docs, tokens), n_layers=1, n_boot=20, seed=SEED))
+    assert row["token_baseline"] == 0.0

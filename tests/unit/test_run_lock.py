@@ -245,3 +245,36 @@ def test_one_of_two_processes_takes_a_stale_lock_over(tmp_path, single_process):
     assert all(words[1] == "[False]" for words in said), said  # both judged the lock stale
     assert sorted(words[0] for words in said) == ["held", "refused"], said
     assert not (run / ".ctd.lock").exists()
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid  # reaped: no process has it now (pids are not reused this quickly)
+
+
+def test_an_owner_on_another_host_is_respected_whatever_its_pid(tmp_path):
+    """A run directory on a shared file system: a pid from another machine says nothing about this
+    one's processes, so the lock is refused, never taken over."""
+    lock = tmp_path / ".ctd.lock"
+    lock.write_text(json.dumps({"pid": _dead_pid(), "host": platform.node() + "-elsewhere", "started": "now", "group": None}))
+    with pytest.raises(CtdInputError, match="another ctd process"):
+        RunLock(tmp_path).__enter__()
+    assert lock.exists()
+
+
+def test_an_owner_we_may_not_signal_is_alive(tmp_path, monkeypatch):
+    """os.kill(pid, 0) raising PermissionError means the process exists under another user."""
+    lock = tmp_path / ".ctd.lock"
+    lock.write_text(json.dumps({"pid": 424242, "host": platform.node(), "started": "now", "group": None}))
+
+    def not_permitted(pid, signal):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "kill", not_permitted)
+    with pytest.raises(CtdInputError, match="another ctd process"):
+        RunLock(tmp_path).__enter__()
+    assert json.loads(lock.read_text())["pid"] == 424242
