@@ -226,9 +226,14 @@ def _capture_local(bridge, requests: list[CaptureRequest], root: Path, config: C
         value_norms: dict[int, Tensor] = {}
         rows_of: dict[str, Tensor] = {}  # attention rows [batch, nq, key] of chosen heads
 
+        same_window = window is not None and len(set(lengths)) == 1  # every row's queries are the same last columns
+
         def store_point(name: str, derive: Callable[[Tensor], Tensor] | None = None):
             def hook(tensor, hook):
-                rows = tensor.gather(1, query_index.view(*query_index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:]))
+                if same_window:  # a view of the last columns: no gathered copy
+                    rows = tensor[:, tensor.shape[1] - window :]
+                else:
+                    rows = tensor.gather(1, query_index.view(*query_index.shape, *([1] * (tensor.dim() - 2))).expand(-1, -1, *tensor.shape[2:]))
                 gathered[name] = (derive(rows) if derive else rows).detach().to("cpu", store_dtype)
 
             return hook

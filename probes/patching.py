@@ -382,49 +382,45 @@ def patched_generate(hf_model, tokens: TokenIds, attention_mask: AttentionMask, 
 
 
 class _GradientsOn:
-    """Parameters require grad inside the block, so every activation is on the autograd graph
-    (``autograd.grad`` below asks for activation gradients only; no parameter gradient is stored)."""
+    """Parameters require grad inside the block (``on``), so every activation is on the autograd
+    graph, or none does (``on=False``), so the graph holds only what depends on the activations
+    asked about (``autograd.grad`` asks for activation gradients only; no parameter gradient is stored)."""
 
-    def __init__(self, module):
-        self.params = [p for p in module.parameters() if not p.requires_grad]
+    def __init__(self, module, on: bool = True):
+        self.on = on
+        self.params = [p for p in module.parameters() if p.requires_grad != on]
 
     def __enter__(self):
         for p in self.params:
-            p.requires_grad_(True)
+            p.requires_grad_(self.on)
 
     def __exit__(self, *exc):
         for p in self.params:
-            p.requires_grad_(False)
+            p.requires_grad_(not self.on)
 
 
 @contextlib.contextmanager
-def _recomputed_mlps(bridge, blocks):
-    """The MLPs of ``blocks`` keep only their input for the backward and recompute the rest there
-    (activation checkpointing; their hidden layer is the widest activation of a block). Attention
-    is recomputed by :func:`~probes.fused.fused_attention` itself. Whole bridge blocks are not
-    checkpointed: they keep per-call state that a recomputation would not see again."""
+def _recomputed_blocks(bridge, blocks):
+    """Each of ``blocks`` keeps only its input for the backward and recomputes the rest there
+    (activation checkpointing): the graph holds one residual stream per block, and the backward
+    one block's activations at a time. The forward runs without a KV cache (a cache would grow
+    again when a block is recomputed)."""
     from torch.utils.checkpoint import checkpoint
 
     patched = []
     try:
         for block in blocks:
-            mlp = block.mlp
-            forward = mlp.forward
+            forward = block.forward
 
             def recomputed(*args, forward=forward, **kwargs):
                 return checkpoint(forward, *args, use_reentrant=False, **kwargs)
 
-            object.__setattr__(mlp, "forward", recomputed)  # on the component itself, not the wrapped module
-            patched.append(mlp)
+            object.__setattr__(block, "forward", recomputed)  # on the component itself, not the wrapped module
+            patched.append(block)
         yield
     finally:
-        for mlp in patched:
-            mlp.__dict__.pop("forward", None)
-
-
-def _dense_mlp(block) -> bool:
-    """Mixture-of-experts layers route tokens with data-dependent shapes: they are not recomputed."""
-    return not any("expert" in name for name, _ in block.mlp.named_modules())
+        for block in patched:
+            block.__dict__.pop("forward", None)
 
 
 def _final_residual(bridge, tokens: Tensor, inputs: PatchInputs) -> Tensor:
@@ -460,7 +456,7 @@ def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenRe
 
     For ``z``, dR/da is the gradient of a zero offset added to each layer's ``hook_z`` (only the
     offsets require grad, never a weight), the attention is fused, the logits are formed only at
-    the positions read, and with ``recompute`` attention and dense MLPs recompute their
+    the positions read, and with ``recompute`` every block but the last recomputes its
     activations in the backward: working memory linear in the trace's length.
     """
     n_layers = bridge.cfg.n_layers
@@ -510,9 +506,11 @@ def _attribution_at_z(bridge, inputs: PatchInputs, readouts: Sequence[TokenReado
 
             return hook
 
-        blocks = [b for b in bridge.blocks if recompute and _dense_mlp(b)]
+        blocks = list(bridge.blocks)[:-1] if recompute else []  # the last block ends the forward (_final_residual)
         hooks = [(_hook("z", l), add(l)) for l in range(n_layers)]
-        with torch.enable_grad(), fused_attention(bridge, recompute=recompute), _recomputed_mlps(bridge, blocks), bridge.hooks(fwd_hooks=hooks, reset_hooks_end=True):
+        # Weights are constants here: only the offsets require grad, so the graph starts at layer 0's
+        # z and keeps no weight (nor any cast copy of one) for a weight gradient nobody asks for.
+        with torch.enable_grad(), _GradientsOn(bridge, on=False), fused_attention(bridge), _recomputed_blocks(bridge, blocks), bridge.hooks(fwd_hooks=hooks, reset_hooks_end=True):
             resid = _final_residual(bridge, getattr(inputs, target), inputs)
 
             def logits_at(b: int, padded: list[int]) -> Tensor:

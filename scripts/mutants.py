@@ -36,7 +36,11 @@ class Mutant:
     old: str  # must occur exactly once in that file
     new: str
     tests: tuple[str, ...]  # pytest node ids that must fail
+    env: tuple[tuple[str, str], ...] = ()  # extra environment for the tests
 
+
+# The quick run the patch-stage tests read needs no stage after patch.
+_UNTIL_PATCH = (("CTD_QUICK_RUN_UNTIL", "patch"),)
 
 MUTANTS: tuple[Mutant, ...] = (
     Mutant(
@@ -166,6 +170,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "        ranked_on, measured_on = ranking_splits(patching.meta)\n",
         '        ranked_on, measured_on = "dev traces", "test traces"\n',
         ("tests/integration/test_dev_split.py::test_the_report_names_the_traces_heads_were_ranked_on",),
+        env=_UNTIL_PATCH,
     ),
     Mutant(
         "patch_ranks_on_test_traces",
@@ -174,6 +179,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "    if not dev_scores_path.exists():\n        raise input_error(",
         '    if not dev_scores_path.exists():\n        dev_scores_path = run_dir / "head_scores.parquet"\n    if False:\n        raise input_error(',
         ("tests/integration/test_dev_split.py::test_the_report_names_the_traces_heads_were_ranked_on",),
+        env=_UNTIL_PATCH,
     ),
     Mutant(
         "all_heads_set_misses_a_head",
@@ -182,6 +188,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "head_set_effects(bridge, inputs, readouts, [heads_all], positions",
         "head_set_effects(bridge, inputs, readouts, [heads_all[1:]], positions",
         ("tests/integration/test_patch_stage.py::test_patching_every_head_recovers_the_whole_gap_in_the_stored_table",),
+        env=_UNTIL_PATCH,
     ),
     Mutant(
         "agreement_not_from_the_two_maps",
@@ -190,6 +197,7 @@ MUTANTS: tuple[Mutant, ...] = (
         '"value": _spearman(attr, point), "ci_low": lo',
         '"value": _spearman(point, point), "ci_low": lo',
         ("tests/integration/test_patch_stage.py::test_attribution_agrees_with_the_sweep_as_stored",),
+        env=_UNTIL_PATCH,
     ),
     Mutant(
         "dev_scores_computed_on_test_traces",
@@ -206,6 +214,7 @@ MUTANTS: tuple[Mutant, ...] = (
         '    scores, ranked_on = dev_scores.frame, dev_scores.meta.get("traces") or "dev traces"',
         '    scores, ranked_on = HeadScores.load(run_dir / "head_scores.parquet").frame, dev_scores.meta.get("traces") or "dev traces"',
         ("tests/integration/test_dev_split.py::test_patching_ranks_heads_with_the_dev_scores_it_records",),
+        env=_UNTIL_PATCH,
     ),
     Mutant(
         "control_task_keyed_on_previous_token",
@@ -254,6 +263,7 @@ MUTANTS: tuple[Mutant, ...] = (
         'base = runs.corrupt[r] if mode == "denoise" else runs.clean[r]',
         'base = runs.clean[r] if mode == "denoise" else runs.corrupt[r]',
         ("tests/integration/test_patch_stage.py::test_attribution_agrees_with_the_sweep_as_stored",),
+        env=_UNTIL_PATCH,
     ),
 )
 
@@ -280,10 +290,10 @@ def _apply(copy: Path, mutant: Mutant) -> None:
     path.write_text(text.replace(mutant.old, mutant.new))
 
 
-def _run_tests(copy: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+def _run_tests(copy: Path, tests: tuple[str, ...], extra_env: tuple[tuple[str, str], ...] = ()) -> tuple[int, str]:
     # The copy's packages come first on the path (ahead of the editable install of the real tree),
     # also for subprocesses the tests start.
-    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1", **dict(extra_env)}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests], cwd=copy, env=env, capture_output=True, text=True)
     lines = [l for l in (proc.stdout + proc.stderr).splitlines() if l.strip()]
     return proc.returncode, lines[-1] if lines else ""
@@ -309,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         _copy_tree(base)
         if args.clean:
             tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
-            code, last = _run_tests(base, tests)
+            code, last = _run_tests(base, tests, _UNTIL_PATCH)
             print(f"{'clean':<36} {'pass' if code == 0 else 'FAIL'}  {last}", flush=True)
             if code != 0:
                 print("the guarding tests fail on the unmutated tree: fix them first", file=sys.stderr)
@@ -320,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.copytree(base, copy)
             _apply(copy, m)
             start = time.perf_counter()
-            code, last = _run_tests(copy, m.tests)
+            code, last = _run_tests(copy, m.tests, m.env)
             # pytest exit 1 with a failed test: killed; 0: the tests passed (survived); errors in
             # collection or fixtures do not count as a kill.
             # A fixture that errors also exits 1: only a failed assertion counts.
