@@ -2,7 +2,8 @@
 
 ``load_model`` (any supported HF folder into a TransformerBridge), ``capture`` / ``open_store``
 (teacher-forced replay into a checksummed activation store), the activation points, the probe
-bank, and head patching (sweep and attribution). Names load on first use: importing ``probes``
+bank, head patching (sweep and attribution), and ``fused_attention`` (attention statistics and
+patching without a T x T pattern, for long traces). Names load on first use: importing ``probes``
 (or its errors) does not import torch.
 """
 
@@ -24,6 +25,7 @@ __all__ = [
     "TokenReadout",
     "head_sweep",
     "attribution_patching",
+    "fused_attention",
     "CtdError",
     "CtdInputError",
     "CtdNumericalError",
@@ -45,6 +47,7 @@ _HOMES = {
     "TokenReadout": "probes.patching",
     "head_sweep": "probes.patching",
     "attribution_patching": "probes.patching",
+    "fused_attention": "probes.fused",
 }
 
 

@@ -39,7 +39,7 @@ from torch import Tensor
 from probes.attention import doc_kurtosis, head_value_norms
 from probes.errors import CtdInputError
 
-__all__ = ["AttentionStatsRequest", "fused_attention", "fused_attention_forward", "attention_with_lse", "FUSED_IMPLEMENTATION"]
+__all__ = ["AttentionStatsRequest", "fused_attention", "fused_attention_forward", "attention_with_lse", "returning_freed_memory", "FUSED_IMPLEMENTATION"]
 
 FUSED_IMPLEMENTATION = "ctd_fused"
 # Query rows per block where a block loop is needed (sliding windows, kurtosis, the exact path):
@@ -193,6 +193,18 @@ def _row_extent(row_mask: Tensor | None, n: int) -> tuple[int, int]:
     return start, stop
 
 
+def _kurtosis_all_visible(weights: Float[Tensor, "... key"]) -> Float[Tensor, "..."]:
+    """:func:`probes.attention.doc_kurtosis` over every key, in place on ``weights`` (six passes
+    instead of a dozen: this is most of what the statistics add to a fused forward)."""
+    mean = weights.mean(-1, keepdim=True)
+    squared = weights.sub_(mean).square_()
+    m2 = squared.mean(-1)
+    m4 = squared.square_().mean(-1)
+    kurt = m4 / m2.square().clamp(min=1e-30)
+    flat = m2 <= (1e-6 * mean.squeeze(-1).abs()).square() + 1e-30  # variance below rounding of the mean
+    return torch.where(flat, torch.zeros_like(kurt), kurt)
+
+
 def _row_stats(
     q: Tensor, k_rep: Tensor, lse: Tensor, masses: Tensor, scale: float, window: int | None, softcap: float | None,
     local_q: Tensor, regions: Tensor, document: Tensor, n_regions: int, with_values: bool,
@@ -205,15 +217,20 @@ def _row_stats(
     doc_keys = document.nonzero().flatten()
     kurt = torch.zeros(q.shape[0], len(local_q), dtype=torch.float32, device=q.device)
     if len(doc_keys) > 1:
-        k_doc = k_rep[:, doc_keys].float()
+        k_doc = k_rep[:, doc_keys].float().transpose(-1, -2)
         valid = torch.ones(len(doc_keys), dtype=torch.bool, device=q.device)
-        for s in range(0, len(local_q), _QUERY_BLOCK):
-            rows = local_q[s : s + _QUERY_BLOCK]
-            scores = torch.matmul(q[:, rows].float(), k_doc.transpose(-1, -2)) * scale
+        last_doc_key = int(doc_keys.max())
+        block = 4 * _QUERY_BLOCK
+        for s in range(0, len(local_q), block):
+            rows = local_q[s : s + block]
+            scores = torch.matmul(q[:, rows].float(), k_doc).mul_(scale)
             if softcap is not None:
                 scores = torch.tanh(scores / softcap) * softcap
-            weights = torch.exp(scores - lse[:, rows, None]) * _allowed(rows, doc_keys, window)
-            kurt[:, s : s + len(rows)] = doc_kurtosis(weights, valid)
+            weights = scores.sub_(lse[:, rows, None]).exp_()
+            if window is None and int(rows.min()) > last_doc_key:  # the usual case: every document key is visible
+                kurt[:, s : s + len(rows)] = _kurtosis_all_visible(weights)
+            else:
+                kurt[:, s : s + len(rows)] = doc_kurtosis(weights * _allowed(rows, doc_keys, window), valid)
     out["doc_kurtosis"] = kurt.transpose(0, 1)
     return out
 
@@ -286,25 +303,28 @@ def _attention_components(bridge) -> list:
     return comps
 
 
-_allocator_set = False
-
-
-def _return_freed_memory() -> None:
-    """Have glibc serve allocations over 128 KiB from mmap, so freed activations go back to the
-    system. Its default threshold adapts upward after the first large free, after which a long
-    trace's transient blocks stay in the heap: measured at 4k tokens on a 1.5B shape, attribution
-    held 6.3 GB of RSS with the default and 2.8 GB with this (bench/scale.py sets the same for
-    every method it measures). Once per process; a no-op off glibc."""
-    global _allocator_set
-    if _allocator_set:
-        return
-    _allocator_set = True
+@contextlib.contextmanager
+def returning_freed_memory(threshold: int = 128 * 1024):
+    """Within the block glibc serves allocations over ``threshold`` bytes from mmap, so freed
+    activations go back to the system at once; on exit the threshold is fixed at glibc's largest
+    adaptive value (32 MiB). glibc's default threshold adapts upward after large frees, after which
+    a long trace's transient blocks stay resident: at 4k tokens on a 1.5B shape attribution held
+    6.3 GB of RSS with the default and 2.8 GB inside this block. The price is a page fault per
+    fresh block (about 18% of an sdpa forward's time at 4k), so only attribution, whose backward
+    frees and allocates a block's activations per layer, uses it. A no-op off glibc."""
     try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        libc = None
+    if libc is not None:
+        libc.mallopt(-3, int(threshold))  # M_MMAP_THRESHOLD
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(-3, 32 * 1024 * 1024)
 
 
 def _direct_norms(bridge) -> list:
@@ -338,7 +358,6 @@ def fused_attention(bridge, request: AttentionStatsRequest | None = None, exact:
     from torch.utils.checkpoint import checkpoint
 
     _register()
-    _return_freed_memory()
     hf_model = bridge.original_model
     norms = _direct_norms(bridge)
     config = hf_model.config

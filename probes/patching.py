@@ -39,7 +39,7 @@ from torch import Tensor
 from probes.attention import heads_view
 from probes.typing import AttentionMask, Logits, TokenIds
 from probes.errors import CtdInputError
-from probes.fused import fused_attention
+from probes.fused import fused_attention, returning_freed_memory
 from probes.points import hook_name
 
 __all__ = [
@@ -462,7 +462,8 @@ def attribution_patching(bridge, inputs: PatchInputs, readouts: Sequence[TokenRe
     n_layers = bridge.cfg.n_layers
     positions = inputs.position_mask() if positions is None else positions
     if what == "z":
-        return _attribution_at_z(bridge, inputs, readouts, positions, recompute)
+        with returning_freed_memory():
+            return _attribution_at_z(bridge, inputs, readouts, positions, recompute)
     with torch.no_grad():
         acts = {run: head_activations(bridge, getattr(inputs, run), inputs, range(n_layers), what) for run in ("clean", "corrupt")}
     out: dict[tuple[str, str], Tensor] = {}
