@@ -350,13 +350,10 @@ def _direct_norms(bridge) -> list:
 
 
 @contextlib.contextmanager
-def fused_attention(bridge, request: AttentionStatsRequest | None = None, exact: bool = False, recompute: bool = False):
+def fused_attention(bridge, request: AttentionStatsRequest | None = None, exact: bool = False):
     """Within the block, ``bridge``'s attention runs fused (see the module docstring); ``request``
     (optional) collects statistics per layer. ``exact``: use the blockwise torch path even where
-    the CPU kernel would serve (a reference for tests). ``recompute``: each attention keeps only
-    its input for a backward pass and recomputes the rest there (activation checkpointing)."""
-    from torch.utils.checkpoint import checkpoint
-
+    the CPU kernel would serve (a reference for tests)."""
     _register()
     hf_model = bridge.original_model
     norms = _direct_norms(bridge)
@@ -374,11 +371,7 @@ def fused_attention(bridge, request: AttentionStatsRequest | None = None, exact:
                     hidden = kwargs.pop("hidden_states")
                 else:
                     hidden, args = args[0], args[1:]
-                hidden = comp.hook_in(hidden)
-                if recompute and torch.is_grad_enabled():
-                    output = checkpoint(hf_forward, hf_attn, hidden, *args, use_reentrant=False, **kwargs)
-                else:
-                    output = hf_forward(hf_attn, hidden, *args, **kwargs)
+                output = hf_forward(hf_attn, comp.hook_in(hidden), *args, **kwargs)
                 return (comp.hook_out(output[0]),) + tuple(output[1:])
 
             # bridge components forward attribute writes to the wrapped module: set it on the component itself
