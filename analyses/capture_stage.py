@@ -11,7 +11,7 @@ import pandas as pd
 from analyses.io import read_parquet
 from analyses.settings import CaptureSettings
 from analyses.parsing import Region
-from probes.capture import CaptureConfig, CaptureRequest, capture
+from probes.capture import CaptureConfig, CaptureRequest, capture, forward_path
 from probes.distributed import rank_and_world
 from probes.errors import input_error
 from probes.points import resolve_points
@@ -81,6 +81,7 @@ def capture_traces(run_dir: str | Path, model_path: str | Path, settings: Captur
     layers = list(range(n_layers)) if layers == "all" else [] if layers == "none" else [int(x) for x in layers]
     config = CaptureConfig(points=hook_names, attention_layers=layers, n_regions=len(Region), batch_size=settings.batch_size, padding=settings.padding, dtype=settings.dtype, attention=settings.attention)
     record["attention_path"] = config.attention_path
+    record["forward_path"] = forward_path(bridge, config)
     requests = capture_requests(traces, settings.positions, run_dir / "traces.parquet")
     identity = {"model": str(model_path), "positions": settings.positions}
     root = capture(bridge, requests, run_dir, config, settings=identity, progress=progress and rank_and_world()[0] == 0)

@@ -25,7 +25,7 @@ from transformer_lens.model_bridge.exceptions import StopAtLayerException
 from probes.attention import attention_reductions, head_value_norms, heads_view, value_gram
 from probes.distributed import barrier, merge_rank_stores, rank_and_world, shard_for_rank
 from probes.errors import CtdInputError, CtdNumericalError
-from probes.fused import AttentionStatsRequest, fused_attention
+from probes.fused import STACK_POINTS, AttentionStatsRequest, fused_attention, run_decoder_stack
 from probes.points import REDUCTIONS, hook_name, point_of_hook
 from probes.store import DTYPES, SEP, STORE_DIR, ShardWriter
 from probes.typing import AttentionMask, TokenIds
@@ -34,6 +34,7 @@ __all__ = [
     "CaptureRequest",
     "CaptureConfig",
     "capture",
+    "forward_path",
     "pad_batch",
 ]
 
@@ -93,6 +94,13 @@ class CaptureConfig:
         """The path capture takes: ``fused`` or ``eager``."""
         return "eager" if self.attention == "eager" or (self.attention == "auto" and self.pattern_heads) else "fused"
 
+    @property
+    def forward_path(self) -> str:
+        """What runs the forward: ``decoder_stack`` (the Hugging Face layers alone, when every
+        point is in the residual stream and attention runs fused) or ``bridge`` (its hook points)."""
+        only_residual = all(point_of_hook(name)[0] in STACK_POINTS for name in self.points)
+        return "decoder_stack" if self.attention_path == "fused" and only_residual and not self.pattern_heads else "bridge"
+
     def __post_init__(self):
         if self.attention not in ("auto", "fused", "eager"):
             raise CtdInputError(f"attention={self.attention!r}: use 'auto', 'fused' or 'eager'")
@@ -102,6 +110,13 @@ class CaptureConfig:
             raise CtdInputError(f"padding={self.padding!r}: use 'left' or 'right'")
         if self.dtype not in DTYPES:
             raise CtdInputError(f"dtype={self.dtype!r}: use one of {sorted(DTYPES)}")
+
+
+def forward_path(bridge, config: CaptureConfig) -> str:
+    """The forward capture runs for ``config`` on ``bridge``: ``config.forward_path``, except that
+    hooks a user attached to the bridge (steering, ablation) keep the bridge's path, where they fire."""
+    hooked = any(point.fwd_hooks for point in bridge.hook_dict.values())
+    return "bridge" if hooked else config.forward_path
 
 
 def pad_batch(sequences: list[Sequence[int]], pad_id: int, side: str = "left") -> tuple[TokenIds, AttentionMask, TokenIds, np.ndarray]:
@@ -196,6 +211,7 @@ def _capture_local(bridge, requests: list[CaptureRequest], root: Path, config: C
     with torch.no_grad():
         grams = {layer: value_gram(bridge.blocks[layer].attn.W_O.detach()) for layer in config.attention_layers}
     fused = config.attention_path == "fused"
+    stack = forward_path(bridge, config) == "decoder_stack"
 
     bar = tqdm(total=len(requests), desc="capture", disable=not progress, file=sys.stderr)
     for shard_id, batch in enumerate(batches):
@@ -277,14 +293,19 @@ def _capture_local(bridge, requests: list[CaptureRequest], root: Path, config: C
         if last_block is not None:
             hooks.append((hook_name("resid_post", last_block), _stop_forward))
 
-        with torch.no_grad(), fused_attention(bridge, request) if fused else contextlib.nullcontext():
-            bridge.run_with_hooks(
-                token_ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=position_ids.to(device),
-                fwd_hooks=hooks,
-                return_type=None,
-            )
+        if stack:
+            with torch.no_grad():
+                reads = {name: (lambda tensor, keep=keep: keep(tensor, None)) for name, keep in hooks if keep is not _stop_forward}
+                run_decoder_stack(bridge, token_ids.to(device), mask.to(device), position_ids.to(device), reads, request)
+        else:
+            with torch.no_grad(), fused_attention(bridge, request) if fused else contextlib.nullcontext():
+                bridge.run_with_hooks(
+                    token_ids.to(device),
+                    attention_mask=mask.to(device),
+                    position_ids=position_ids.to(device),
+                    fwd_hooks=hooks,
+                    return_type=None,
+                )
         for name, value in list(gathered.items()) + list(rows_of.items()):  # one check per point; locate only on failure
             if not bool(torch.isfinite(value).all()):
                 for i, r in enumerate(batch):

@@ -100,6 +100,26 @@ def test_fused_capture_equals_the_eager_pattern(family_models, family, tmp_path)
     assert _compare(stores, requests, layers, points) == len(requests) * len(layers) * len(REDUCED)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_decoder_stack_path_equals_the_eager_bridge(family_models, family, tmp_path):
+    """Residual points and statistics only: capture runs the Hugging Face layers with no bridge
+    component in the way, and stores what the eager bridge's hooks see."""
+    bridge = _load(family_models, family, tmp_path)
+    n_layers = bridge.cfg.n_layers
+    layers = list(range(n_layers))
+    points = ["blocks.0.hook_resid_pre", f"blocks.{n_layers - 2}.hook_resid_post"]  # statistics read one layer further
+    assert CaptureConfig(points=points, attention_layers=layers).forward_path == "decoder_stack"
+    assert CaptureConfig(points=points + ["blocks.0.attn.hook_result"]).forward_path == "bridge"
+    requests = _requests(bridge.cfg.d_vocab, seed=5)
+    stores = _capture_both(bridge, requests, tmp_path, layers, points)
+    assert _compare(stores, requests, layers, points) == len(requests) * len(layers) * len(REDUCED)
+    # the bridge is whole again afterwards: its hook points fire
+    seen = []
+    with torch.no_grad():
+        bridge.run_with_hooks(torch.tensor([requests[0].token_ids]), fwd_hooks=[("blocks.0.hook_resid_post", lambda t, hook: seen.append(t.shape))], return_type=None)
+    assert seen and type(bridge.original_model.base_model.layers[0]).__module__.startswith("transformer_lens")
+
+
 def test_query_blocks_and_the_exact_path_equal_the_eager_pattern(family_models, tmp_path, monkeypatch):
     """Blocks of 4 query rows (a sliding window of 8 spans several) and the exact torch path (what
     runs off CPU and with soft-capped logits) give the eager numbers too."""
