@@ -135,6 +135,8 @@ def _cmd_organism_train(args) -> int:
         config.max_steps = args.max_steps
     if args.minutes is not None:
         config.time_budget_s = 60.0 * args.minutes
+    if args.format is not None:
+        config.trace_format = args.format
     out = Path(args.out) if args.out else default_organism_path()
     path = train_organism(out, config)
     meta = json.loads((path / "ctd_organism.json").read_text())
@@ -290,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int)
     train.add_argument("--max-steps", type=int)
     train.add_argument("--minutes", type=float, help="time budget of the training loop")
+    train.add_argument("--format", choices=("v2", "v3"), help="trace format: v2 marks phase 2 with 'Check', v3 with no word (default: v2)")
     train.set_defaults(func=_cmd_organism_train)
 
     student = sub.add_parser("student", help="the student base distillation starts from")

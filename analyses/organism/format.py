@@ -22,7 +22,7 @@ import pandas as pd
 from analyses.prompts import get_template
 from analyses.tasks.labels import LabelSpace, lower_first, normalize_text, short_description
 
-__all__ = ["teacher_trace", "label_mention", "boundary_char", "dictionary_corpus", "build_corpus", "default_organism_path", "shortlist_line", "ORGANISM_LABEL_CHAPTERS", "SPECIAL_TOKENS", "PHASE2_MARKER"]
+__all__ = ["teacher_trace", "label_mention", "boundary_char", "dictionary_corpus", "build_corpus", "default_organism_path", "shortlist_line", "ORGANISM_LABEL_CHAPTERS", "SPECIAL_TOKENS", "PHASE2_MARKER", "PHASE2_VERDICTS", "TRACE_FORMATS"]
 
 ORGANISM_LABEL_CHAPTERS = ("9",)
 _TEMPLATE = get_template("organism")
@@ -47,6 +47,9 @@ _GENERIC_WORDS = frozenset("unspecified other specified elsewhere classified not
 # How many further siblings a residual code is checked against in phase 2 (beyond the listed one).
 MAX_EXTRA_CHECKS = 6
 PHASE2_MARKER = "Check "
+# v3 lines carry no marker word: a phase-2 line is known by how it ends (its verdict).
+PHASE2_VERDICTS = ("-> keep.", "-> drop.")
+TRACE_FORMATS = ("v2", "v3")
 
 
 def label_mention(labels: LabelSpace, label_id: int) -> str:
@@ -65,7 +68,7 @@ def _ranked_siblings(row, labels: LabelSpace, gold: int) -> list[int]:
     return ranked
 
 
-def teacher_trace(row, labels: LabelSpace, max_extra: int = MAX_EXTRA_CHECKS) -> str:
+def teacher_trace(row, labels: LabelSpace, max_extra: int = MAX_EXTRA_CHECKS, trace_format: str = "v2") -> str:
     """The trace (text after the prompt's ``<think>\n``) for one generated note ``row``.
 
     Phase 1 (shortlisting) walks the note's findings in order. A gold finding lists its code and
@@ -82,7 +85,18 @@ def teacher_trace(row, labels: LabelSpace, max_extra: int = MAX_EXTRA_CHECKS) ->
     So phase-1 length grows with the findings and distractors, phase-2 length with how much
     checking each gold code needs: the boundary's share of the CoT varies from note to note.
     Every code carries its short description, as R1-style traces write it.
+
+    ``trace_format="v3"`` writes the same decisions with no word that marks the switch: every line
+    of both phases opens with a code and its description, phase 1 closing a line with
+    ``: candidates.``, ``-> candidate.`` or ``-> ruled out.`` and phase 2 with ``-> keep.`` or
+    ``-> drop.``. The first phase-2 line begins exactly as a phase-1 line would; only the code
+    differs (the first one to check instead of the next finding's), so the switch is set by the
+    generator's state (no finding left in the note), and the text tells it only a mention later.
     """
+    if trace_format not in TRACE_FORMATS:
+        raise ValueError(f"trace_format={trace_format!r}: use one of {TRACE_FORMATS}")
+    v3 = trace_format == "v3"
+    marker = "" if v3 else PHASE2_MARKER
     gold = [int(g) for g in row["gold"]]
     gold_set = set(gold)
     evidence = {int(e["label_id"]): e for e in row["evidence"]}
@@ -104,29 +118,29 @@ def teacher_trace(row, labels: LabelSpace, max_extra: int = MAX_EXTRA_CHECKS) ->
             ranked = [j for j in _ranked_siblings(row, labels, label) if j not in used]
             group = by_code([label] + ranked[:1])
             used.update(group)
-            phase1.append(shortlist_line(labels, group))
+            phase1.append("; ".join(mention(c) for c in group) + ": candidates." if v3 else shortlist_line(labels, group))
             explicit = [w for w in ev["decisive"] if w not in _GENERIC_WORDS]
             phrase_words = set(normalize_text(ev["phrase"]).split())
             if explicit or len(group) == 1 and not ranked[1:]:
                 why = " ".join(explicit[:3]) if explicit else f'"{ev["phrase"]}"'
-                phase2.append(f"{PHASE2_MARKER}{mention(label)}: {why} noted -> keep.")
+                phase2.append(f"{marker}{mention(label)}: {why} noted -> keep.")
                 continue
             extra = ranked[1 : 1 + max_extra]
             used.update(extra)
             for c in by_code(group + extra):
                 if c == label:
-                    phase2.append(f'{PHASE2_MARKER}{mention(c)}: "{ev["phrase"]}" noted, nothing more specific -> keep.')
+                    phase2.append(f'{marker}{mention(c)}: "{ev["phrase"]}" noted, nothing more specific -> keep.')
                 else:
                     needs = [w for w in normalize_text(short_description(labels.texts[c])).split() if w not in phrase_words][:4] or ["more detail"]
-                    phase2.append(f"{PHASE2_MARKER}{mention(c)}: needs {' '.join(needs)}, not noted -> drop.")
+                    phase2.append(f"{marker}{mention(c)}: needs {' '.join(needs)}, not noted -> drop.")
         elif label not in used:
             used.add(label)
             kind = distractors[label]
             if kind == "history":
-                phase1.append(shortlist_line(labels, [label]))
-                phase2.append(f"{PHASE2_MARKER}{mention(label)}: history only, resolved -> drop.")
+                phase1.append(f"{mention(label)}: history only -> candidate." if v3 else shortlist_line(labels, [label]))
+                phase2.append(f"{marker}{mention(label)}: history only, resolved -> drop.")
             else:
-                phase1.append(f"Ruled out: {mention(label)} ({_KIND_EVIDENCE[kind]}).")
+                phase1.append(f"{mention(label)}: {_KIND_EVIDENCE[kind]} -> ruled out." if v3 else f"Ruled out: {mention(label)} ({_KIND_EVIDENCE[kind]}).")
     answer = ", ".join(labels.codes[c] for c in dict.fromkeys(label for _, label in findings) if c in gold_set)
     t = get_template("organism")
     return "\n".join(phase1 + phase2) + f"\n{t.think_close}\n{t.answer_open}" + answer + t.answer_close
@@ -138,14 +152,22 @@ def shortlist_line(labels: LabelSpace, label_ids) -> str:
 
 
 def boundary_char(trace_text: str) -> int | None:
-    """Character index where checking begins (the true phase boundary), or None."""
+    """Character index where checking begins (the true phase boundary), or None: the first line
+    that opens with ``Check`` (v2) or, read in hindsight, closes with a phase-2 verdict (v3)."""
     at = trace_text.find(PHASE2_MARKER)
     while at > 0 and trace_text[at - 1] != "\n":
         at = trace_text.find(PHASE2_MARKER, at + 1)
-    return None if at < 0 else at
+    if at >= 0:
+        return at
+    start = 0
+    for line in trace_text.split("\n"):
+        if line.rstrip().endswith(PHASE2_VERDICTS):
+            return start
+        start += len(line) + 1
+    return None
 
 
-def dictionary_corpus(labels: LabelSpace, repeats: int = 3) -> pd.DataFrame:
+def dictionary_corpus(labels: LabelSpace, repeats: int = 3, trace_format: str = "v2") -> pd.DataFrame:
     """One-finding mini-notes per label text variant, traced by the teacher: a cheap way to learn
     each code, its short description and the siblings it is told apart from."""
     from analyses.tasks.labels import text_variants as _variants
@@ -172,20 +194,20 @@ def dictionary_corpus(labels: LabelSpace, repeats: int = 3) -> pd.DataFrame:
                 "anchors": [{"label_id": i, "start": len("Presents with "), "end": len("Presents with ") + len(phrase)}],
                 "distractors": [],
             }
-            trace = teacher_trace(row, labels)
+            trace = teacher_trace(row, labels, trace_format=trace_format)
             prompts += [prompt] * repeats
             traces += [trace] * repeats
     return pd.DataFrame({"doc_id": None, "split": "train", "prompt": prompts, "trace": traces})
 
 
-def build_corpus(docs: pd.DataFrame, labels: LabelSpace) -> pd.DataFrame:
+def build_corpus(docs: pd.DataFrame, labels: LabelSpace, trace_format: str = "v2") -> pd.DataFrame:
     """Prompt text and teacher trace per note."""
     template = get_template("organism")
     prompts, traces = [], []
     for _, row in docs.iterrows():
         prompt, _ = template.render(row["text"])
         prompts.append(prompt)
-        traces.append(teacher_trace(row, labels))
+        traces.append(teacher_trace(row, labels, trace_format=trace_format))
     return pd.DataFrame({"doc_id": docs["doc_id"], "split": docs["split"], "prompt": prompts, "trace": traces})
 
 

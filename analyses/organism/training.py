@@ -59,6 +59,8 @@ class OrganismConfig:
     seed: int = 0
     threads: int = 2
     quick: bool = False
+    # v2 marks phase 2 with a line-initial "Check"; v3 writes the switch with no marker word.
+    trace_format: str = "v2"
 
     @classmethod
     def quick_config(cls) -> "OrganismConfig":
@@ -137,10 +139,10 @@ def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), p
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     labels, docs = organism_notes(config)
-    corpus = build_corpus(docs, labels)
+    corpus = build_corpus(docs, labels, config.trace_format)
     train_corpus = corpus[corpus["split"] == "train"]
     tokenizer = train_tokenizer(list(train_corpus["prompt"] + train_corpus["trace"]) + labels.texts, vocab_size=config.vocab_size, label_codes=labels.codes)
-    sequences = pd.concat([train_corpus, dictionary_corpus(labels, config.dictionary_repeats)])
+    sequences = pd.concat([train_corpus, dictionary_corpus(labels, config.dictionary_repeats, config.trace_format)])
     examples = encode_examples(zip(sequences["prompt"], sequences["trace"]), tokenizer, config.max_positions)
     if not examples:
         raise input_error(None, "no training sequence fits max_positions", "raise max_positions")
@@ -242,4 +244,15 @@ def evaluate_organism(model_dir: str | Path, docs: pd.DataFrame, labels: LabelSp
         "shortlist_recall": round(float(np.mean(recall)), 4),
         "well_formed": round(float(traces["well_formed"].mean()), 4),
         "with_boundary": round(float(traces["true_boundary"].notna().mean()), 4),
+        **_boundary_shares(traces),
     }
+
+
+def _boundary_shares(traces: pd.DataFrame) -> dict:
+    """Where the true boundary falls in the CoT (share of its tokens): quartiles and range."""
+    found = traces.dropna(subset=["true_boundary"])
+    share = ((found["true_boundary"] - found["cot_start"]) / (found["cot_end"] - found["cot_start"]).clip(lower=1)).to_numpy(float)
+    if not len(share):
+        return {}
+    q = np.quantile(share, [0.0, 0.25, 0.5, 0.75, 1.0])
+    return {"boundary_share_min": round(float(q[0]), 4), "boundary_share_q1": round(float(q[1]), 4), "boundary_share_median": round(float(q[2]), 4), "boundary_share_q3": round(float(q[3]), 4), "boundary_share_max": round(float(q[4]), 4)}
