@@ -23,7 +23,7 @@ from analyses.io import Manifest
 from analyses.settings import RunConfig
 from probes.errors import input_error
 
-__all__ = ["Stage", "StageContext", "STAGES", "register_stage", "stage_named", "run_stage", "run_study"]
+__all__ = ["Stage", "StageContext", "STAGES", "register_stage", "stage_named", "stage_names", "run_stage", "run_study"]
 
 
 @dataclass
@@ -79,6 +79,12 @@ def register_stage(stage: Stage, after: str | None = None, in_run: bool = True) 
     index = len(STAGES) if after is None else [s.name for s in STAGES].index(after) + 1
     STAGES.insert(index, stage)
     return stage
+
+
+def stage_names() -> tuple[str, ...]:
+    """The stages ``ctd run`` runs, in order."""
+    _ensure_registered()
+    return tuple(s.name for s in STAGES)
 
 
 def stage_named(name: str) -> Stage:

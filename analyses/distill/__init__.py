@@ -3,13 +3,13 @@
 - :mod:`.losses`: the loss terms; :mod:`.head_map`: teacher heads and their student heads;
 - :mod:`.data`: training notes, examples, teacher signals from the capture store;
 - :mod:`.training`: one student; :mod:`.evaluation`: what a student can do;
-- :mod:`.stage`: the study (``ctd distill``); :mod:`.result`: its table and figures.
+- :mod:`.stage`: the study (``ctd distill``); its table and figures are :class:`analyses.results.DistillResult`.
 """
 
 from analyses.distill.data import Example, build_examples, choose_training_notes, collate
 from analyses.distill.head_map import choose_teacher_heads, map_heads
 from analyses.distill.losses import attention_kl, forward_with_heads, mechanistic_loss, next_token_loss, write_alignment
-from analyses.distill.result import DistillResult
+from analyses.results.distill import DistillResult
 from analyses.distill.stage import DistillConfig, distill_run, holm
 from analyses.distill.training import CONDITIONS, train_student
 

@@ -24,7 +24,7 @@ import torch
 from analyses.distill.data import build_examples, capture_teacher_rows, choose_training_notes, load_teacher_rows
 from analyses.distill.evaluation import answer_metrics, leakage_adjusted_simulability, mechanism_transfer, paired_trajectory_distance, teacher_forced_metrics
 from analyses.distill.head_map import choose_teacher_heads, map_heads, similarity_map
-from analyses.distill.result import DistillResult
+from analyses.results.distill import DistillResult
 from analyses.distill.training import CONDITIONS, train_student
 from analyses.io import Manifest, read_json, write_json, write_parquet
 from analyses.settings import DistillConfig

@@ -260,7 +260,7 @@ def load_icd10cm(
 
     if path is not None:
         return Dataset.load(_require_dir(path, "icd10cm", "labels.parquet and docs.parquet"))
-    from analyses.config import DEFAULT_N_NOTES
+    from analyses.settings import DEFAULT_N_NOTES
 
     labels = icd10cm_labels(chapters=chapters, blocks=blocks, categories=categories)
     config = NoteConfig(n_docs=DEFAULT_N_NOTES if n_docs is None else n_docs, seed=seed, **note_options)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyses.config import RunConfig, load_config
+from analyses.settings import RunConfig, load_config
 from analyses.io import Manifest, read_parquet, write_parquet
 from analyses.tasks.labels import LabelSpace
 from analyses.tasks.sources import Dataset, load_dataset

@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 
 from analyses import stages
-from analyses.pipeline import stage_names
 from analyses.settings import RunConfig
 from probes.errors import CtdInputError
 
@@ -47,7 +46,7 @@ def toy_stage(tmp_path):
 
 
 def test_a_registered_stage_joins_the_run_where_it_was_put(toy_stage):
-    names = stage_names()
+    names = stages.stage_names()
     assert names.index("toy_count") == names.index("isolate") + 1
     assert names[0] == "data" and names[-1] == "report"
 
