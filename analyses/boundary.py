@@ -29,7 +29,7 @@ import pandas as pd
 
 from analyses.parsing import Region
 from analyses.results.boundary import Boundary
-from analyses.settings import InternalSettings
+from analyses.machinery.settings import InternalSettings
 from probes.errors import input_error
 from probes.points import hook_name, reduction_name
 

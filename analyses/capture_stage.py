@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analyses.io import read_parquet
-from analyses.settings import CaptureSettings
+from analyses.machinery.io import read_parquet
+from analyses.machinery.settings import CaptureSettings
 from analyses.parsing import Region
 from probes.capture import CaptureConfig, CaptureRequest, capture
 from probes.distributed import rank_and_world
@@ -61,7 +61,7 @@ def capture_traces(run_dir: str | Path, model_path: str | Path, settings: Captur
     ``model_path``'s model into one store; resumable (finished shards are kept). Writes no manifest.
 
     Args:
-        settings: :class:`~analyses.settings.CaptureSettings` (points, positions, attention layers, ...).
+        settings: :class:`~analyses.machinery.settings.CaptureSettings` (points, positions, attention layers, ...).
         model: a loaded bridge to reuse (else it is loaded, with ``settings.device_map``).
         record: counts and the loaded model's description are added here for the stage record.
     """

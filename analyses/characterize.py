@@ -16,8 +16,8 @@ import pandas as pd
 
 from analyses.boundary import estimate_boundaries, fit_constant_share, fit_phase_probe, fit_token_phase_table, tune_internal
 from analyses.dynamics import GRID, compute_dynamics
-from analyses.io import read_parquet
-from analyses.settings import CharacterizeSettings
+from analyses.machinery.io import read_parquet
+from analyses.machinery.settings import CharacterizeSettings
 from analyses.parsing import Region
 from analyses.results.base import FrameResult
 from analyses.results.characterize import Attribution, HeadScores, LensResult, ProbeResults
@@ -408,7 +408,7 @@ def _final_layer_pca(store, traces: pd.DataFrame, n_layers: int, d_model: int, s
 
 def _dev_split_of(run_dir: Path) -> str | None:
     """The split the run's dev traces were drawn from, as the traces stage recorded it."""
-    from analyses.io import Manifest
+    from analyses.machinery.io import Manifest
 
     try:
         return Manifest(run_dir).data.get("stages", {}).get("traces", {}).get("dev_split")
@@ -519,10 +519,10 @@ def tune_boundary_run(run_dir: str | Path, progress: bool = True, model=None, se
     :data:`~analyses.boundary.SMOOTHING_GRID` x channels; the table (best first) is written to
     ``R/boundary_tuning.parquet``. Test traces are never read.
     """
-    from analyses.io import write_parquet
+    from analyses.machinery.io import write_parquet
     from probes.models import load_model
 
-    from analyses.io import Manifest
+    from analyses.machinery.io import Manifest
 
     run_dir = Path(run_dir)
     manifest = Manifest(run_dir)

@@ -1,6 +1,6 @@
 """The ``ctd`` command line. Input errors print one line to stderr and exit with code 2.
 
-Every stage command (and ``ctd run``) builds one settings tree (:class:`~analyses.settings.RunConfig`):
+Every stage command (and ``ctd run``) builds one settings tree (:class:`~analyses.machinery.settings.RunConfig`):
 defaults, then ``--config FILE`` (TOML), then ``--set stage.field=value``, then the command's own
 flags (each a shortcut for one field; its default is the tree's), and runs the stage through the
 one runner (:mod:`analyses.stages`).
@@ -53,7 +53,7 @@ _NEGATED = {"no_sweep", "no_regenerate"}
 
 def _config(args, command: str, base=None):
     """The settings tree of a command: defaults, --config, --set, then the command's flags."""
-    from analyses.settings import load_config
+    from analyses.machinery.settings import load_config
 
     values = {}
     for dest, path in _FLAGS.get(command, {}).items():
@@ -68,7 +68,7 @@ def _config(args, command: str, base=None):
     if base is not None:  # a preset for the stage's section (the distillation study, its pilot)
         from dataclasses import replace
 
-        from analyses.settings import RunConfig
+        from analyses.machinery.settings import RunConfig
 
         start = replace(RunConfig(), **base)
     config = load_config(getattr(args, "config", None), getattr(args, "set", None) or [], start=start)
@@ -77,7 +77,7 @@ def _config(args, command: str, base=None):
             values["distill.seeds"] = list(range(args.seeds))
         if values.get("distill.student"):
             values["distill.student"] = str(Path(values["distill.student"]).resolve())
-    from analyses.settings import _assign
+    from analyses.machinery.settings import _assign
 
     for path, value in values.items():
         if isinstance(value, tuple):
@@ -158,7 +158,7 @@ def _cmd_student_train(args) -> int:
 def _cmd_traces(args) -> int:
     from dataclasses import replace
 
-    from analyses.io import Manifest
+    from analyses.machinery.io import Manifest
     from analyses.stages import run_stage, stage_named
 
     config = _config(args, "traces")
@@ -242,7 +242,7 @@ def _cmd_isolate(args) -> int:
 
 
 def _cmd_distill(args) -> int:
-    from analyses.settings import DistillConfig
+    from analyses.machinery.settings import DistillConfig
 
     study = DistillConfig.pilot() if args.pilot else DistillConfig().quick() if args.quick else DistillConfig()
     config = _config(args, "distill", base={"distill": study})
@@ -394,14 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from analyses.io import RunLock, check_run_name
+    from analyses.machinery.io import RunLock, check_run_name
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         target = getattr(args, "run", None) or (getattr(args, "out", None) if args.command in ("run", "traces") else None)
         if args.command == "run":
-            from analyses.settings import load_config
+            from analyses.machinery.settings import load_config
 
             target = args.out or load_config(args.config, args.set or []).out
             check_run_name(target)

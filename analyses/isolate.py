@@ -27,9 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.io import Manifest, read_parquet
+from analyses.machinery.io import Manifest, read_parquet
 from analyses.parsing import TraceParser
-from analyses.settings import IsolateSettings
+from analyses.machinery.settings import IsolateSettings
 from analyses.results.boundary import Boundary
 from analyses.results.isolation import IsolationResult
 from analyses.tasks.sources import Dataset, near_misses_of
@@ -96,7 +96,7 @@ def isolate_run(run_dir: str | Path, settings: IsolateSettings = IsolateSettings
     """The isolation conditions and the complementarity verdict on the run's traces.
 
     Args:
-        settings: :class:`~analyses.settings.IsolateSettings`.
+        settings: :class:`~analyses.machinery.settings.IsolateSettings`.
         model_path, template: the run's (read from its manifest when None).
     """
     from analyses.retrieval import LabelRetriever

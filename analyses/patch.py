@@ -34,12 +34,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.io import Manifest, read_parquet
+from analyses.machinery.io import Manifest, read_parquet
 from analyses.parsing import Region, TraceParser
 from analyses.results.boundary import Boundary
 from analyses.results.characterize import HeadScores
 from analyses.results.patching import PatchingResult
-from analyses.settings import PatchSettings
+from analyses.machinery.settings import PatchSettings
 from analyses.tasks.sources import Dataset, near_misses_of
 from probes.errors import input_error
 from probes.patching import (
@@ -184,7 +184,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
 
     Args:
         run_dir: a run with traces, boundary and (dev) head scores.
-        settings: :class:`~analyses.settings.PatchSettings`.
+        settings: :class:`~analyses.machinery.settings.PatchSettings`.
         model: a loaded bridge to reuse; model_path, template: the run's (read from its manifest when None).
     """
     from tqdm.auto import tqdm

@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 import plotly.io as pio
 
-from analyses.io import atomic_path, read_json
+from analyses.machinery.io import atomic_path, read_json
 
 __all__ = ["collect_figures", "write_figures", "write_report", "png_available", "characterization_findings", "causal_findings", "distill_findings", "FIGURE_GROUPS"]
 

@@ -48,7 +48,7 @@ class Run:
         return json.loads((self.path / "manifest.json").read_text())
 
     def _table(self, name: str, command: str) -> pd.DataFrame:
-        from analyses.io import read_parquet
+        from analyses.machinery.io import read_parquet
 
         path = self.path / name
         if not path.exists():

@@ -1,6 +1,6 @@
 """One stage protocol: every stage is declared once, and one runner does the rest (STYLE §11).
 
-A :class:`Stage` names its settings (a field of :class:`~analyses.settings.RunConfig`), the files it
+A :class:`Stage` names its settings (a field of :class:`~analyses.machinery.settings.RunConfig`), the files it
 reads and writes, and a ``compute(ctx)`` that returns its result (a ``FrameResult``, a dict of
 them by file stem, or None when it wrote its own files, as capture writes its store). The runner
 (:func:`run_stage`) checks the inputs, refuses a finished stage with other settings, skips a
@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from analyses.io import Manifest
-from analyses.settings import RunConfig
+from analyses.machinery.io import Manifest
+from analyses.machinery.settings import RunConfig
 from probes.errors import input_error
 
 __all__ = ["Stage", "StageContext", "STAGES", "register_stage", "stage_named", "stage_names", "run_stage", "run_study"]
@@ -101,7 +101,7 @@ def run(name: str, run_dir: str | Path, config: RunConfig | None = None, model=N
     loaded model. Returns the stage's result."""
     from dataclasses import replace
 
-    from analyses.io import RunLock
+    from analyses.machinery.io import RunLock
 
     stage = stage_named(name)
     config = (config or RunConfig()).resolved()

@@ -21,8 +21,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.io import write_parquet
-from analyses.settings import GenerationSettings
+from analyses.machinery.io import write_parquet
+from analyses.machinery.settings import GenerationSettings
 from analyses.organism import boundary_char, default_organism_path
 from analyses.parsing import TraceParser, token_char_spans
 from analyses.prompts import PromptTemplate, default_template, get_template
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 
-GenerationConfig = GenerationSettings  # the traces stage's generation settings (analyses.settings)
+GenerationConfig = GenerationSettings  # the traces stage's generation settings (analyses.machinery.settings)
 
 
 def resolve_model_path(model: str | Path | None) -> Path:

@@ -187,7 +187,7 @@ def ensure_traces(args) -> None:
         return
     from dataclasses import replace
 
-    from analyses.settings import DataSettings, RunConfig
+    from analyses.machinery.settings import DataSettings, RunConfig
     from analyses.stages import run as run_stage
 
     n_docs = max(2 * args.n_traces, 64)

@@ -38,7 +38,7 @@ def main() -> None:
     import torch
     from scipy.stats import spearmanr
 
-    from analyses.io import Manifest
+    from analyses.machinery.io import Manifest
     from analyses.patch import READOUTS, _anchor_tokens, answer_readouts, corrupt_prompt
     from analyses.tasks.sources import Dataset, near_misses_of
     from probes.models import load_model

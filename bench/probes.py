@@ -40,7 +40,7 @@ def from_run(run: Path, target: str):
     import pandas as pd
 
     from analyses.characterize import probe_examples
-    from analyses.io import read_parquet
+    from analyses.machinery.io import read_parquet
     from analyses.tasks.sources import Dataset
     from probes.points import point_of_hook
     from probes.store import open_store

@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analyses.io import file_sha256, output_files  # noqa: E402
+from analyses.machinery.io import file_sha256, output_files  # noqa: E402
 from analyses.stages import stage_names  # noqa: E402
 
 STAGES = stage_names()  # the stages of `ctd run`, in order

@@ -118,7 +118,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lock_takes_over_an_incomplete_lock",
         "a run lock is never taken from a live owner (an unreadable lock is refused, not removed)",
-        "analyses/io.py",
+        "analyses/machinery/io.py",
         '                raise input_error(self.path, "the run lock is empty or unreadable", "delete the lock file if no ctd process is running")',
         "                self.path.unlink(missing_ok=True)\n                continue",
         ("tests/unit/test_run_lock.py::test_an_empty_lock_is_refused_not_taken_over",),
@@ -126,7 +126,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lock_stale_takeover_without_recheck",
         "two processes that find the same stale lock never both hold it",
-        "analyses/io.py",
+        "analyses/machinery/io.py",
         "            if current == info:\n                self.path.unlink(missing_ok=True)",
         "            self.path.unlink(missing_ok=True)",
         ("tests/unit/test_run_lock.py::test_a_stale_lock_taken_over_meanwhile_by_another_process_is_kept", "tests/unit/test_run_lock.py::test_one_of_two_processes_takes_a_stale_lock_over"),
@@ -134,7 +134,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lock_created_empty_then_written",
         "the lock file appears with its owner's record complete",
-        "analyses/io.py",
+        "analyses/machinery/io.py",
         "                os.link(tmp, self.path)",
         "                raise PermissionError(1, 'no links')",
         ("tests/unit/test_run_lock.py::test_the_lock_appears_with_its_record_complete",),
@@ -243,7 +243,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lock_ignores_the_owners_host",
         "a lock owned on another machine is never taken over",
-        "analyses/io.py",
+        "analyses/machinery/io.py",
         "        if info.get(\"host\") != platform.node():\n            return True  # another machine: cannot tell, so respect it\n",
         "",
         ("tests/unit/test_run_lock.py::test_an_owner_on_another_host_is_respected_whatever_its_pid",),
@@ -251,7 +251,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lock_takes_an_owner_it_may_not_signal",
         "a live owner under another user is respected",
-        "analyses/io.py",
+        "analyses/machinery/io.py",
         "        except PermissionError:\n            return True",
         "        except PermissionError:\n            return False",
         ("tests/unit/test_run_lock.py::test_an_owner_we_may_not_signal_is_alive",),

@@ -80,7 +80,7 @@ def organism_run(tmp_path_factory, organism_path):
     """A full run on the organism: 60 held-out notes (and its 60 dev notes), traces, capture and characterize."""
     from dataclasses import replace
 
-    from analyses.settings import DataSettings, RunConfig
+    from analyses.machinery.settings import DataSettings, RunConfig
     from analyses.stages import run as run_stage
 
     run = tmp_path_factory.mktemp("organism_run")

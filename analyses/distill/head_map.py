@@ -23,7 +23,7 @@ def choose_teacher_heads(run_dir: Path, k: int) -> tuple[list[Head], list[Head],
     at phase-2 positions; otherwise the top CoarseScore / RefineScore heads on dev traces (a run
     without dev head scores stops with the fix).
     """
-    from analyses.io import read_parquet
+    from analyses.machinery.io import read_parquet
 
     patching = run_dir / "patching.parquet"
     if patching.exists():

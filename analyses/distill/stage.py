@@ -26,8 +26,8 @@ from analyses.distill.evaluation import answer_metrics, leakage_adjusted_simulab
 from analyses.distill.head_map import choose_teacher_heads, map_heads, similarity_map
 from analyses.results.distill import DistillResult
 from analyses.distill.training import CONDITIONS, train_student
-from analyses.io import Manifest, read_json, write_json, write_parquet
-from analyses.settings import DistillConfig
+from analyses.machinery.io import Manifest, read_json, write_json, write_parquet
+from analyses.machinery.settings import DistillConfig
 from probes.errors import input_error
 
 __all__ = ["DistillConfig", "distill_run", "holm"]
@@ -98,7 +98,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
 
     Args:
         run_dir: a run with traces (its teacher is the run's model), and head scores or patching.
-        config: :class:`~analyses.settings.DistillConfig` (default study: 5 conditions x 5 seeds).
+        config: :class:`~analyses.machinery.settings.DistillConfig` (default study: 5 conditions x 5 seeds).
         model_path, template: the run's (read from its manifest when None).
     """
     from analyses.dynamics import compute_dynamics

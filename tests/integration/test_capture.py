@@ -9,7 +9,7 @@ import torch
 
 from analyses.capture_stage import capture_requests
 from analyses.stages import run as run_stage
-from analyses.io import write_json
+from analyses.machinery.io import write_json
 from analyses.parsing import Region
 from analyses.traces import GenerationConfig, generate_traces
 from probes.capture import CaptureConfig, capture

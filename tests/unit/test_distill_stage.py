@@ -5,8 +5,8 @@ import json
 from dataclasses import asdict, replace
 
 from analyses.distill.stage import _finished
-from analyses.io import write_json
-from analyses.settings import DistillConfig
+from analyses.machinery.io import write_json
+from analyses.machinery.settings import DistillConfig
 
 
 def _student(folder, cfg):

@@ -211,7 +211,7 @@ def test_run_directory_lock_and_names(tmp_path, capsys, monkeypatch):
     import os
     import subprocess
 
-    from analyses.io import RunLock
+    from analyses.machinery.io import RunLock
 
     run = tmp_path / "locked"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from analyses import stages
-from analyses.settings import RunConfig
+from analyses.machinery.settings import RunConfig
 from probes.errors import CtdInputError
 
 TOY_STAGE = textwrap.dedent(
