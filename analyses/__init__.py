@@ -4,7 +4,7 @@ In a notebook: ``run = open_run("results/ctd-default")``, then ``run.boundary.fi
 ``run.patching.scatter_figure()``, ``run.distill.curve_figure()``, ``run.traces``, ``run.store``.
 """
 
-from analyses.run import Run, open_run
+from analyses.results.run import Run, open_run
 from analyses.tasks import Dataset, LabelSpace, load_dataset, set_metrics, xmc_metrics
 
 __all__ = ["open_run", "Run", "Dataset", "LabelSpace", "load_dataset", "set_metrics", "xmc_metrics"]

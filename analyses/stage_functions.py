@@ -99,7 +99,7 @@ def distill_pilot(ctx: StageContext):
 
 
 def report(ctx: StageContext):
-    from analyses.report import write_figures, write_report
+    from analyses.results.report import write_figures, write_report
 
     written = write_figures(ctx.run_dir, formats=tuple(ctx.settings.formats))
     path = write_report(ctx.run_dir)

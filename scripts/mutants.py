@@ -166,7 +166,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "report_hard_codes_the_dev_split",
         "the report's ranking sentence follows the patching table's own record",
-        "analyses/report.py",
+        "analyses/results/report.py",
         "        ranked_on, measured_on = ranking_splits(patching.meta)\n",
         '        ranked_on, measured_on = "dev traces", "test traces"\n',
         ("tests/integration/test_dev_split.py::test_the_report_names_the_traces_heads_were_ranked_on",),

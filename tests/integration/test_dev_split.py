@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from analyses.cli import main
-from analyses.report import causal_findings
+from analyses.results.report import causal_findings
 from analyses.results import PatchingResult
 from analyses.traces import dev_documents
 

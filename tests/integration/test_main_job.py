@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from analyses.report import collect_figures, png_available
+from analyses.results.report import collect_figures, png_available
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 EXPECTED_FIGURES = {

@@ -1,4 +1,5 @@
-"""Figures: one function per figure (data in, plotly Figure out), one colourblind-safe theme."""
+"""The figure theme: one colourblind-safe palette and layout that every result's ``.figure()`` uses
+(one function per figure, data in, plotly Figure out)."""
 
 from __future__ import annotations
 
