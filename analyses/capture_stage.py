@@ -10,7 +10,7 @@ import pandas as pd
 
 from analyses.machinery.io import read_parquet
 from analyses.machinery.settings import CaptureSettings
-from analyses.parsing import Region
+from analyses.methods.parsing import Region
 from probes.capture import CaptureConfig, CaptureRequest, capture
 from probes.distributed import rank_and_world
 from probes.errors import input_error

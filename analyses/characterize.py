@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analyses.boundary import estimate_boundaries, fit_constant_share, fit_phase_probe, fit_token_phase_table, tune_internal
-from analyses.dynamics import GRID, compute_dynamics
+from analyses.methods.boundary import estimate_boundaries, fit_constant_share, fit_phase_probe, fit_token_phase_table, tune_internal
+from analyses.methods.dynamics import GRID, compute_dynamics
 from analyses.machinery.io import read_parquet
 from analyses.machinery.settings import CharacterizeSettings
-from analyses.parsing import Region
+from analyses.methods.parsing import Region
 from analyses.results.base import FrameResult
 from analyses.results.characterize import Attribution, HeadScores, LensResult, ProbeResults
 from analyses.tasks.metrics import bootstrap_ci
@@ -516,7 +516,7 @@ def tune_boundary_run(run_dir: str | Path, progress: bool = True, model=None, se
 
     The dev traces (``dev_traces.parquet``, written by the traces stage and captured beside the test
     traces by the capture stage) are scored against their true boundary for every choice of
-    :data:`~analyses.boundary.SMOOTHING_GRID` x channels; the table (best first) is written to
+    :data:`~analyses.methods.boundary.SMOOTHING_GRID` x channels; the table (best first) is written to
     ``R/boundary_tuning.parquet``. Test traces are never read.
     """
     from analyses.machinery.io import write_parquet

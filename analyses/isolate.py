@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from analyses.machinery.io import Manifest, read_parquet
-from analyses.parsing import TraceParser
+from analyses.methods.parsing import TraceParser
 from analyses.machinery.settings import IsolateSettings
 from analyses.results.boundary import Boundary
 from analyses.results.isolation import IsolationResult
@@ -99,7 +99,7 @@ def isolate_run(run_dir: str | Path, settings: IsolateSettings = IsolateSettings
         settings: :class:`~analyses.machinery.settings.IsolateSettings`.
         model_path, template: the run's (read from its manifest when None).
     """
-    from analyses.retrieval import LabelRetriever
+    from analyses.methods.retrieval import LabelRetriever
     from analyses.tasks.metrics import bootstrap_ci, set_metrics
     from probes.models import load_hf_model, load_tokenizer
 
@@ -128,7 +128,7 @@ def isolate_run(run_dir: str | Path, settings: IsolateSettings = IsolateSettings
     parser = TraceParser.for_template(labels, template)
     close = tokenizer.encode("\n" + template.think_close + "\n" + template.answer_open, add_special_tokens=False)
     retriever = LabelRetriever(labels)
-    from analyses.embed import embed_texts
+    from analyses.methods.embed import embed_texts
 
     doc_vectors = embed_texts([by_id.loc[d]["text"] for d in traces["doc_id"]])
     ret_idx, _ = retriever.index.search(doc_vectors, max(retriever_k, 10))

@@ -35,7 +35,7 @@ import pandas as pd
 import torch
 
 from analyses.machinery.io import Manifest, read_parquet
-from analyses.parsing import Region, TraceParser
+from analyses.methods.parsing import Region, TraceParser
 from analyses.results.boundary import Boundary
 from analyses.results.characterize import HeadScores
 from analyses.results.patching import PatchingResult

@@ -16,7 +16,7 @@ __all__ = ["data", "traces", "capture", "characterize", "patch", "isolate", "dis
 
 def run_template(ctx_or_manifest):
     """The prompt template the run's traces were made with (recorded by the traces stage)."""
-    from analyses.prompts import get_template
+    from analyses.methods.prompts import get_template
 
     manifest = getattr(ctx_or_manifest, "manifest", ctx_or_manifest)
     record = manifest.data.get("stages", {}).get("traces", {})

@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from analyses.tasks.labels import LabelSpace, lower_first, short_description, text_variants
-from analyses.lm_training import checked_step, cosine_lr, encode_examples, right_padded_batch
+from analyses.methods.lm_training import checked_step, cosine_lr, encode_examples, right_padded_batch
 from probes.errors import input_error
 
 __all__ = ["StudentBaseConfig", "student_base_corpus", "train_student_base", "default_student_base_path", "evaluate_student_base"]

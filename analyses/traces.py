@@ -24,8 +24,8 @@ import torch
 from analyses.machinery.io import write_parquet
 from analyses.machinery.settings import GenerationSettings
 from analyses.organism import boundary_char, default_organism_path
-from analyses.parsing import TraceParser, token_char_spans
-from analyses.prompts import PromptTemplate, default_template, get_template
+from analyses.methods.parsing import TraceParser, token_char_spans
+from analyses.methods.prompts import PromptTemplate, default_template, get_template
 from analyses.tasks.labels import LabelSpace
 from analyses.tasks.sources import near_misses_of
 from probes.distributed import barrier, rank_and_world, shard_for_rank

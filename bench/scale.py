@@ -213,7 +213,7 @@ def child(method: str, folder: Path, length: int, device: str, dtype: str, work:
         else:
             import pandas as pd
 
-            from analyses.boundary import internal_signal
+            from analyses.methods.boundary import internal_signal
             from analyses.characterize import compute_attribution
             from probes.store import open_store
 

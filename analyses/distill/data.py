@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.parsing import Region
+from analyses.methods.parsing import Region
 from analyses.tasks.sources import near_misses_of
 
 __all__ = ["Example", "build_examples", "collate", "choose_training_notes", "capture_teacher_rows", "load_teacher_rows", "TEACHER_STORE"]

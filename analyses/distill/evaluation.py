@@ -8,7 +8,7 @@ import torch
 
 from analyses.distill.data import collate
 from analyses.distill.losses import attention_kl
-from analyses.parsing import Region
+from analyses.methods.parsing import Region
 
 __all__ = ["teacher_forced_metrics", "answer_metrics", "mechanism_transfer", "leakage_adjusted_simulability", "paired_trajectory_distance"]
 
@@ -111,7 +111,7 @@ def leakage_adjusted_simulability(doc_texts: list[str], explanations: list[str],
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_predict
 
-    from analyses.embed import embed_texts
+    from analyses.methods.embed import embed_texts
 
     y = np.asarray(outputs).astype(int)
     if len(np.unique(y)) < 2 or np.bincount(y).min() < 3:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from analyses.parsing import Region
+from analyses.methods.parsing import Region
 
 __all__ = ["attention_kl", "write_alignment", "next_token_loss", "forward_with_heads", "head_write", "mechanistic_loss", "TERMS"]
 

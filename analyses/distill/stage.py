@@ -101,7 +101,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
         config: :class:`~analyses.machinery.settings.DistillConfig` (default study: 5 conditions x 5 seeds).
         model_path, template: the run's (read from its manifest when None).
     """
-    from analyses.dynamics import compute_dynamics
+    from analyses.methods.dynamics import compute_dynamics
     from analyses.patch import answer_readouts
     from analyses.student import default_student_base_path
     from analyses.tasks.sources import Dataset

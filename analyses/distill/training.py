@@ -14,7 +14,7 @@ import torch
 
 from analyses.distill.data import collate
 from analyses.distill.losses import TERMS, forward_with_heads, mechanistic_loss, next_token_loss
-from analyses.lm_training import checked_step
+from analyses.methods.lm_training import checked_step
 
 __all__ = ["CONDITIONS", "train_student", "load_student_base", "length_bucketed_batches"]
 

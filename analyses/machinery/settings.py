@@ -140,7 +140,7 @@ class CaptureSettings:
 @dataclass(frozen=True)
 class InternalSettings:
     """The internal boundary estimator's free choices, made on dev traces by
-    ``ctd characterize --tune-boundary`` (see :func:`analyses.boundary.tune_internal`).
+    ``ctd characterize --tune-boundary`` (see :func:`analyses.methods.boundary.tune_internal`).
 
     Attributes:
         channels: ``probe``: one channel, a phase probe's per-token output, the probe a logistic

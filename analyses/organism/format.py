@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analyses.prompts import get_template
+from analyses.methods.prompts import get_template
 from analyses.tasks.labels import LabelSpace, lower_first, normalize_text, short_description
 
 __all__ = ["teacher_trace", "label_mention", "boundary_char", "dictionary_corpus", "build_corpus", "default_organism_path", "shortlist_line", "ORGANISM_LABEL_CHAPTERS", "SPECIAL_TOKENS", "PHASE2_MARKER"]

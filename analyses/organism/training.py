@@ -21,7 +21,7 @@ import torch
 from analyses.organism.format import ORGANISM_LABEL_CHAPTERS, build_corpus, dictionary_corpus
 from analyses.organism.tokenizer import train_tokenizer
 from analyses.tasks.labels import LabelSpace
-from analyses.lm_training import checked_step, cosine_lr, encode_examples, right_padded_batch
+from analyses.methods.lm_training import checked_step, cosine_lr, encode_examples, right_padded_batch
 from probes.errors import input_error
 
 __all__ = ["OrganismConfig", "train_organism", "evaluate_organism", "organism_notes", "small_qwen3_config", "TRAINING_NOTE_SEED_OFFSET"]

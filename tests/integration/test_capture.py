@@ -10,7 +10,7 @@ import torch
 from analyses.capture_stage import capture_requests
 from analyses.stages import run as run_stage
 from analyses.machinery.io import write_json
-from analyses.parsing import Region
+from analyses.methods.parsing import Region
 from analyses.traces import GenerationConfig, generate_traces
 from probes.capture import CaptureConfig, capture
 from probes.errors import CtdInputError

@@ -1,7 +1,7 @@
 import numpy as np
 import pandas as pd
 
-from analyses.boundary import Boundary
+from analyses.methods.boundary import Boundary
 from analyses.characterize import PROBE_TARGETS, bucket_names
 
 

@@ -7,7 +7,7 @@ from analyses.distill import CONDITIONS, attention_kl, build_examples, choose_tr
 from analyses.distill.data import capture_teacher_rows, load_teacher_rows
 from analyses.distill.evaluation import paired_trajectory_distance
 from analyses.organism import build_corpus
-from analyses.parsing import TraceParser
+from analyses.methods.parsing import TraceParser
 from probes.models import build_tiny_model, load_hf_model, load_model
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from analyses.cli import main
-from analyses.prompts import get_template
+from analyses.methods.prompts import get_template
 from analyses.traces import engine_prompts, join_reasoning
 from probes.models import load_tokenizer
 

@@ -27,7 +27,7 @@ from typing import Callable
 import numpy as np
 import pandas as pd
 
-from analyses.parsing import Region
+from analyses.methods.parsing import Region
 from analyses.results.boundary import Boundary
 from analyses.machinery.settings import InternalSettings
 from probes.errors import input_error

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pandas as pd
 
-from analyses.embed import embed_texts
+from analyses.methods.embed import embed_texts
 from analyses.results.dynamics import Dynamics
 from analyses.tasks.labels import LabelSpace
 from analyses.tasks.sources import near_misses_of
@@ -38,7 +38,7 @@ def compute_dynamics(
     ``reference``: ``document`` (e(x)) or ``anchors`` (e of the gold evidence spans). Each CoT
     prefix has its bare label codes rendered as "code description" before it is embedded.
     """
-    from analyses.parsing import TraceParser, render_codes
+    from analyses.methods.parsing import TraceParser, render_codes
 
     code_parser = TraceParser(labels, match_texts=False)
     by_id = docs.set_index("doc_id")

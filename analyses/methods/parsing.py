@@ -14,7 +14,7 @@ from enum import IntEnum
 
 import numpy as np
 
-from analyses.prompts import MARKERS
+from analyses.methods.prompts import MARKERS
 from analyses.tasks.labels import LabelSpace, normalize_text, short_description, text_variants
 
 __all__ = ["Region", "Mention", "ParsedTrace", "TraceParser", "token_char_spans", "render_codes", "GROWTH_GRID"]
@@ -241,7 +241,7 @@ class TraceParser:
 
     @classmethod
     def for_template(cls, labels: LabelSpace, template, **options) -> "TraceParser":
-        """A parser for the markers of a prompt template (``analyses.prompts.PromptTemplate``)."""
+        """A parser for the markers of a prompt template (``analyses.methods.prompts.PromptTemplate``)."""
         return cls(labels, think_close=template.think_close, answer_open=template.answer_open, answer_close=template.answer_close, think_open=template.think_open, tagless_answer=template.chat, **options)
 
     def answer_of(self, text: str) -> list[int]:

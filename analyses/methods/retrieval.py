@@ -112,7 +112,7 @@ class LabelRetriever:
     """Top-k labels of a label space for document texts (MiniLM embeddings, exact or HNSW)."""
 
     def __init__(self, labels, kind: str = "auto", label_vectors: np.ndarray | None = None):
-        from analyses.embed import embed_texts
+        from analyses.methods.embed import embed_texts
 
         self.labels = labels
         self.vectors = label_vectors if label_vectors is not None else embed_texts(labels.texts)
