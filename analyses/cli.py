@@ -126,7 +126,7 @@ def _cmd_run(args) -> int:
 
 
 def _cmd_organism_train(args) -> int:
-    from analyses.organism import OrganismConfig, default_organism_path, train_organism
+    from analyses.models.organism import OrganismConfig, default_organism_path, train_organism
 
     config = OrganismConfig.quick_config() if args.quick else OrganismConfig()
     if args.seed is not None:
@@ -143,7 +143,7 @@ def _cmd_organism_train(args) -> int:
 
 
 def _cmd_student_train(args) -> int:
-    from analyses.student import StudentBaseConfig, default_student_base_path, train_student_base
+    from analyses.models.student import StudentBaseConfig, default_student_base_path, train_student_base
 
     config = StudentBaseConfig.quick() if args.quick else StudentBaseConfig()
     if args.minutes is not None:

@@ -54,7 +54,7 @@ CONDITIONS = {
 def shortlist_text(label_ids: list[int], labels) -> str:
     """The organism's phase-1 line for a candidate list (what injection writes in place of phase
     1): each code with its short description, as the organism writes them."""
-    from analyses.organism.format import shortlist_line
+    from analyses.models.organism.format import shortlist_line
 
     return shortlist_line(labels, label_ids) + "\n"
 

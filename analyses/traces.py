@@ -23,7 +23,7 @@ import torch
 
 from analyses.machinery.io import write_parquet
 from analyses.machinery.settings import GenerationSettings
-from analyses.organism import boundary_char, default_organism_path
+from analyses.models.organism import boundary_char, default_organism_path
 from analyses.methods.parsing import TraceParser, token_char_spans
 from analyses.methods.prompts import PromptTemplate, default_template, get_template
 from analyses.tasks.labels import LabelSpace

@@ -206,7 +206,7 @@ def main():
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.model is None:
-        from analyses.organism import default_organism_path
+        from analyses.models.organism import default_organism_path
 
         args.model = str(default_organism_path())
     if args.child:

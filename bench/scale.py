@@ -116,7 +116,7 @@ def build(folder: Path, shape: dict, dtype: str) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from analyses.organism import default_organism_path
+    from analyses.models.organism import default_organism_path
     from probes.models import load_tokenizer
 
     if (folder / "config.json").exists():

@@ -27,7 +27,7 @@ def heart_notes(heart_labels):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(heart_labels, heart_notes):
-    from analyses.organism import build_corpus, train_tokenizer
+    from analyses.models.organism import build_corpus, train_tokenizer
 
     corpus = build_corpus(heart_notes, heart_labels)
     return train_tokenizer(list(corpus["prompt"] + corpus["trace"]) + heart_labels.texts, vocab_size=600)
@@ -60,7 +60,7 @@ def family_models(tmp_path_factory, tiny_models, tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def organism_path():
-    from analyses.organism import default_organism_path
+    from analyses.models.organism import default_organism_path
 
     path = default_organism_path()
     assert (path / "config.json").exists(), "the shipped organism is missing: restore analyses/assets/organism"

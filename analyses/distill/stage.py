@@ -103,7 +103,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
     """
     from analyses.methods.dynamics import compute_dynamics
     from analyses.patch import answer_readouts
-    from analyses.student import default_student_base_path
+    from analyses.models.student import default_student_base_path
     from analyses.tasks.sources import Dataset
     from analyses.traces import GenerationConfig, generate_traces
     from probes.models import load_hf_model, load_model, load_tokenizer

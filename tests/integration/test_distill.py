@@ -6,7 +6,7 @@ import torch
 from analyses.distill import CONDITIONS, attention_kl, build_examples, choose_training_notes, collate, forward_with_heads, holm, map_heads, mechanistic_loss, next_token_loss, train_student, write_alignment
 from analyses.distill.data import capture_teacher_rows, load_teacher_rows
 from analyses.distill.evaluation import paired_trajectory_distance
-from analyses.organism import build_corpus
+from analyses.models.organism import build_corpus
 from analyses.methods.parsing import TraceParser
 from probes.models import build_tiny_model, load_hf_model, load_model
 

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from analyses.cli import main
-from analyses.organism import OrganismConfig, evaluate_organism, train_organism
+from analyses.models.organism import OrganismConfig, evaluate_organism, train_organism
 from analyses.tasks.labels import LabelSpace
 from probes.models import load_model
 

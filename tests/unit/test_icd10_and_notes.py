@@ -137,8 +137,8 @@ def test_the_organism_fixture_shares_no_note_with_the_default_runs_dev_notes():
     from analyses.machinery.settings import RunConfig
     import json
 
-    from analyses.organism import OrganismConfig, default_organism_path, organism_notes
-    from analyses.organism.training import TRAINING_NOTE_SEED_OFFSET
+    from analyses.models.organism import OrganismConfig, default_organism_path, organism_notes
+    from analyses.models.organism.training import TRAINING_NOTE_SEED_OFFSET
     from analyses.tasks.sources import load_dataset
     from tests.conftest import FIXTURE_DATA_OPTIONS, FIXTURE_NOTE_SEED
 

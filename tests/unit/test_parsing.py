@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from analyses.organism import boundary_char, teacher_trace, train_tokenizer
+from analyses.models.organism import boundary_char, teacher_trace, train_tokenizer
 from analyses.tasks.labels import short_description
 from analyses.methods.parsing import GROWTH_GRID, Region, TraceParser, token_char_spans
 from analyses.methods.prompts import get_template

@@ -28,7 +28,7 @@ ORGANISM_LABEL_CHAPTERS = ("9",)
 _TEMPLATE = get_template("organism")
 # Whole tokens: the end of text, the template's reasoning markers, and the note tags of its body.
 SPECIAL_TOKENS = ("<|endoftext|>", _TEMPLATE.think_open, _TEMPLATE.think_close, _TEMPLATE.answer_open, _TEMPLATE.answer_close, "<note>", "</note>")
-_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "organism"
+_ASSETS = Path(__file__).resolve().parents[2] / "assets" / "organism"  # analyses/assets
 _KIND_EVIDENCE = {"negated": "denied", "history": "history only", "family": "family history"}
 
 

@@ -5,7 +5,7 @@
 - :mod:`.training`: ``ctd organism train`` and the held-out check.
 """
 
-from analyses.organism.format import (
+from analyses.models.organism.format import (
     ORGANISM_LABEL_CHAPTERS,
     PHASE2_MARKER,
     SPECIAL_TOKENS,
@@ -16,7 +16,7 @@ from analyses.organism.format import (
     label_mention,
     teacher_trace,
 )
-from analyses.organism.tokenizer import train_tokenizer
+from analyses.models.organism.tokenizer import train_tokenizer
 
 __all__ = [
     "teacher_trace",
@@ -45,5 +45,5 @@ def __getattr__(name):
     if name in _TRAINING:
         import importlib
 
-        return getattr(importlib.import_module("analyses.organism.training"), name)
-    raise AttributeError(f"module 'analyses.organism' has no attribute {name!r}")
+        return getattr(importlib.import_module("analyses.models.organism.training"), name)
+    raise AttributeError(f"module 'analyses.models.organism' has no attribute {name!r}")

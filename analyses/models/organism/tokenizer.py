@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from analyses.organism.format import SPECIAL_TOKENS
+from analyses.models.organism.format import SPECIAL_TOKENS
 
 __all__ = ["train_tokenizer"]
 

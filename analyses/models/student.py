@@ -33,7 +33,7 @@ from probes.errors import input_error
 
 __all__ = ["StudentBaseConfig", "student_base_corpus", "train_student_base", "default_student_base_path", "evaluate_student_base"]
 
-_ASSETS = Path(__file__).resolve().parent / "assets" / "student_base"
+_ASSETS = Path(__file__).resolve().parents[1] / "assets" / "student_base"  # analyses/assets
 # Notes for the base come from their own seed range: never the organism's training notes (1,000,003+),
 # never a default run's (small seeds).
 STUDENT_NOTE_SEED_OFFSET = 2_000_003
@@ -150,7 +150,7 @@ def train_student_base(out: str | Path, teacher_dir: str | Path | None = None, c
     from tqdm.auto import tqdm
     from transformers import Qwen3ForCausalLM
 
-    from analyses.organism import default_organism_path, small_qwen3_config
+    from analyses.models.organism import default_organism_path, small_qwen3_config
     from probes.models import load_tokenizer
 
     out = Path(out)

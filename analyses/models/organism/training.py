@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.organism.format import ORGANISM_LABEL_CHAPTERS, build_corpus, dictionary_corpus
-from analyses.organism.tokenizer import train_tokenizer
+from analyses.models.organism.format import ORGANISM_LABEL_CHAPTERS, build_corpus, dictionary_corpus
+from analyses.models.organism.tokenizer import train_tokenizer
 from analyses.tasks.labels import LabelSpace
 from analyses.methods.lm_training import checked_step, cosine_lr, encode_examples, right_padded_batch
 from probes.errors import input_error

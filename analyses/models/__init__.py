@@ -1,0 +1,3 @@
+"""The models the suite ships and trains: the embedded reasoning model (:mod:`.organism`: trace
+format, tokenizer, training) and the student base distillation starts from (:mod:`.student`);
+their checkpoints are in ``analyses/assets/``."""
