@@ -5,55 +5,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from analyses.machinery.io import read_parquet
 from analyses.machinery.settings import CaptureSettings
 from analyses.methods.parsing import Region
-from probes.capture import CaptureConfig, CaptureRequest, capture
+from analyses.methods.replay import capture_requests
+from probes.capture import CaptureConfig, capture
 from probes.distributed import rank_and_world
-from probes.errors import input_error
 from probes.points import resolve_points
 
-__all__ = ["capture_traces", "capture_requests", "POSITION_SETS"]
-
-POSITION_SETS = ("output", "cot", "mentions", "all")
-_DOCUMENT_REGIONS = (int(Region.DOCUMENT), int(Region.ANCHOR))
-
-
-def capture_requests(traces: pd.DataFrame, positions: str = "output", path: Path | None = None) -> list[CaptureRequest]:
-    """One request per trace. ``positions``: ``output`` (CoT + answer tokens, the default), ``cot``,
-    ``mentions`` (label-mention tokens) or ``all`` (prompt too)."""
-    if positions not in POSITION_SETS:
-        raise input_error(None, f"unknown position set {positions!r}", f"use one of {POSITION_SETS}")
-    requests = []
-    for row_number, row in enumerate(traces.itertuples(index=False)):
-        ids = list(row.prompt_ids) + list(row.output_ids)
-        regions = np.asarray(row.regions, dtype=np.int64)
-        if len(regions) != len(ids):
-            raise input_error(path, f"trace {row.doc_id!r} has {len(regions)} regions for {len(ids)} tokens", "regenerate traces.parquet with `ctd traces`", row_number + 1)
-        cot_start, cot_end = int(row.cot_start), int(row.cot_end)
-        if positions == "output":
-            pos = np.arange(len(row.prompt_ids), len(ids))
-        elif positions == "cot":
-            pos = np.arange(cot_start, cot_end)
-        elif positions == "mentions":
-            pos = np.flatnonzero(np.isin(regions, [int(Region.MENTION_GOLD), int(Region.MENTION_NEAR_MISS), int(Region.MENTION_OTHER)]))
-        else:
-            pos = np.arange(len(ids))
-        requests.append(
-            CaptureRequest(
-                doc_id=str(row.doc_id),
-                token_ids=ids,
-                positions=pos,
-                regions=regions,
-                document_mask=np.isin(regions, _DOCUMENT_REGIONS),
-                norm_origin=cot_start,
-                norm_length=max(cot_end - cot_start, 1),
-            )
-        )
-    return requests
+__all__ = ["capture_traces"]
 
 
 def capture_traces(run_dir: str | Path, model_path: str | Path, settings: CaptureSettings = CaptureSettings(), progress: bool = True, model=None, record: dict | None = None) -> Path:

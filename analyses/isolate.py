@@ -105,7 +105,7 @@ def isolate_run(run_dir: str | Path, settings: IsolateSettings = IsolateSettings
 
     run_dir = Path(run_dir)
     if model_path is None or template is None:
-        from analyses.stage_functions import run_template
+        from analyses.methods.prompts import run_template
 
         manifest = Manifest(run_dir)
         model_path = model_path or manifest.model_path()

@@ -4,9 +4,8 @@ For each test trace the corrupted prompt swaps the document's anchor tokens for 
 unrelated document (no shared gold label), token for token, so clean and corrupted runs line up.
 The chain of thought is teacher-forced in both runs (the clean one), so read-outs sit at the answer:
 
-- ``answer_logprob``: log-probability of each gold answer code (all its tokens), mean over codes;
-- ``answer_margin``: at each gold code, its log-probability minus the strongest near-miss's (at the
-  first token where their tokenisations part), mean over codes;
+- ``answer_logprob`` and ``answer_margin`` (:mod:`analyses.methods.readouts`): the gold answer codes'
+  log-probability, and its margin over the strongest near-miss's, mean over codes;
 - ``p_at_1`` / ``recall``: the answer regenerated greedily from the answer marker (head sets only).
 
 Per trace the clean and corrupt values are stored beside every patched value, so any effect is
@@ -36,6 +35,7 @@ import torch
 
 from analyses.machinery.io import Manifest, read_parquet
 from analyses.methods.parsing import Region, TraceParser
+from analyses.methods.readouts import READOUTS, answer_readouts, find_tokens
 from analyses.results.boundary import Boundary
 from analyses.results.characterize import HeadScores
 from analyses.results.patching import PatchingResult
@@ -56,14 +56,13 @@ from probes.patching import (
     patched_generate,
 )
 
-__all__ = ["PatchingResult", "PatchSettings", "patch_run", "corrupt_prompt", "answer_readouts", "READOUTS"]
+__all__ = ["PatchingResult", "PatchSettings", "patch_run", "corrupt_prompt"]
 
-READOUTS = ("answer_logprob", "answer_margin")
 GENERATED = ("p_at_1", "recall")
 
 
 # ------------------------------------------------------------------------------------------------
-# corruption and read-outs
+# corruption
 
 
 def corrupt_prompt(prompt_ids: list[int], regions: np.ndarray, donor_anchor_tokens: list[int]) -> tuple[list[int], list[int]]:
@@ -80,46 +79,6 @@ def corrupt_prompt(prompt_ids: list[int], regions: np.ndarray, donor_anchor_toke
 def _anchor_tokens(trace) -> list[int]:
     regions = np.asarray(trace.regions)
     return [int(trace.prompt_ids[i]) for i in range(len(trace.prompt_ids)) if regions[i] == int(Region.ANCHOR)]
-
-
-def _find(haystack: list[int], needle: list[int], start: int, end: int) -> int:
-    for i in range(start, end - len(needle) + 1):
-        if haystack[i : i + len(needle)] == needle:
-            return i
-    return -1
-
-
-def _code_variants(tokenizer, code: str) -> list[list[int]]:
-    return [v for v in dict.fromkeys(tuple(tokenizer.encode(t, add_special_tokens=False)) for t in (code, " " + code)) if v]
-
-
-def answer_readouts(tokenizer, labels, ids: list[int], regions: np.ndarray, gold: list[int], near: list[int]) -> dict[str, list]:
-    """The items of each teacher-forced read-out for one trace (see the module docstring)."""
-    answer = np.flatnonzero(np.asarray(regions) == int(Region.ANSWER))
-    logprob_items, margin_items = [], []
-    if len(answer) == 0:
-        return {"answer_logprob": [], "answer_margin": []}
-    a0, a1 = int(answer[0]), int(answer[-1]) + 1
-    near_tokens = {n: _code_variants(tokenizer, labels.codes[n]) for n in near}
-    for g in gold:
-        for variant in _code_variants(tokenizer, labels.codes[g]):
-            s = _find(ids, list(variant), a0, a1 + 1)
-            if s < 1:
-                continue
-            positions = tuple(range(s - 1, s - 1 + len(variant)))
-            logprob_items.append((positions, tuple(variant), ()))
-            groups: dict[int, list[tuple[int, ...]]] = {}
-            for n, variants in near_tokens.items():
-                other = next((v for v in variants if len(v) and v[0] == variant[0]) if len(variant) > 1 else iter(()), None) or next((v for v in variants if len(v) == len(variant)), None)
-                if other is None:
-                    continue
-                i = next((j for j, (a, b) in enumerate(zip(variant, other)) if a != b), None)
-                if i is not None:
-                    groups.setdefault(i, []).append((other[i],))
-            for i, competitors in sorted(groups.items()):
-                margin_items.append(((s - 1 + i,), (variant[i],), tuple(dict.fromkeys(competitors))))
-            break
-    return {"answer_logprob": logprob_items, "answer_margin": margin_items}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -193,7 +152,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
 
     run_dir = Path(run_dir)
     if model_path is None or template is None:
-        from analyses.stage_functions import run_template
+        from analyses.methods.prompts import run_template
 
         manifest = Manifest(run_dir)
         model_path = model_path or manifest.model_path()
@@ -315,7 +274,7 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
         bar.update(1)
         lap("attribution")
         if settings.regenerate and settings.what == "z":
-            prefix = np.array([_find(clean_seqs[i], answer_open, len(chosen[i].prompt_ids), len(clean_seqs[i])) + len(answer_open) for i in batch])
+            prefix = np.array([find_tokens(clean_seqs[i], answer_open, len(chosen[i].prompt_ids), len(clean_seqs[i])) + len(answer_open) for i in batch])
             gold_sets = [set(int(g) for g in by_id.loc[doc_ids[i]]["gold"]) for i in batch]
 
             tokens_all = {run: getattr(inputs, run) for run in ("clean", "corrupt")}

@@ -9,18 +9,10 @@ from __future__ import annotations
 
 import sys
 
+from analyses.methods.prompts import run_template
 from analyses.stages import StageContext
 
-__all__ = ["data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report", "run_template"]
-
-
-def run_template(ctx_or_manifest):
-    """The prompt template the run's traces were made with (recorded by the traces stage)."""
-    from analyses.methods.prompts import get_template
-
-    manifest = getattr(ctx_or_manifest, "manifest", ctx_or_manifest)
-    record = manifest.data.get("stages", {}).get("traces", {})
-    return get_template(record.get("template") or record.get("config", {}).get("template") or "organism")
+__all__ = ["data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report"]
 
 
 def data(ctx: StageContext):
@@ -77,13 +69,13 @@ def characterize(ctx: StageContext):
 def patch(ctx: StageContext):
     from analyses.patch import patch_run
 
-    return patch_run(ctx.run_dir, ctx.settings, ctx.progress, model=ctx.model, model_path=ctx.model_path, template=run_template(ctx))
+    return patch_run(ctx.run_dir, ctx.settings, ctx.progress, model=ctx.model, model_path=ctx.model_path, template=run_template(ctx.manifest))
 
 
 def isolate(ctx: StageContext):
     from analyses.isolate import isolate_run
 
-    result = isolate_run(ctx.run_dir, ctx.settings, ctx.progress, model_path=ctx.model_path, template=run_template(ctx))
+    result = isolate_run(ctx.run_dir, ctx.settings, ctx.progress, model_path=ctx.model_path, template=run_template(ctx.manifest))
     ctx.record["complementarity"] = result.verdict()
     return result
 
@@ -91,7 +83,7 @@ def isolate(ctx: StageContext):
 def distill(ctx: StageContext):
     from analyses.distill import distill_run
 
-    return distill_run(ctx.run_dir, ctx.settings, ctx.progress, model_path=ctx.model_path, template=run_template(ctx))
+    return distill_run(ctx.run_dir, ctx.settings, ctx.progress, model_path=ctx.model_path, template=run_template(ctx.manifest))
 
 
 def distill_pilot(ctx: StageContext):

@@ -57,7 +57,7 @@ def _load(run: Path, n: int):
 
 
 def method_capture(run: Path, n: int, batch_size: int, model_path: str) -> dict:
-    from analyses.capture_stage import capture_requests
+    from analyses.methods.replay import capture_requests
     from probes.capture import CaptureConfig, capture
     from probes.points import resolve_points
 

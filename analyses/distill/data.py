@@ -110,7 +110,7 @@ def choose_training_notes(train_docs: pd.DataFrame, eval_docs: pd.DataFrame, n: 
 def capture_teacher_rows(run_dir: Path, bridge, traces: pd.DataFrame, heads: list[tuple[int, int]], batch_size: int = 8, progress: bool = True) -> Path:
     """Capture the teacher heads' attention rows at CoT queries of ``traces`` into
     ``<run>/distill_teacher`` (resumable, checksummed: the capture store)."""
-    from analyses.capture_stage import capture_requests
+    from analyses.methods.replay import capture_requests
     from probes.capture import CaptureConfig, capture
 
     import shutil

@@ -102,7 +102,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
         model_path, template: the run's (read from its manifest when None).
     """
     from analyses.methods.dynamics import compute_dynamics
-    from analyses.patch import answer_readouts
+    from analyses.methods.readouts import answer_readouts
     from analyses.models.student import default_student_base_path
     from analyses.tasks.sources import Dataset
     from analyses.traces import GenerationConfig, generate_traces
@@ -114,7 +114,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
         raise input_error(None, f"unknown distillation condition(s) {unknown}", f"use some of {list(CONDITIONS)}")
     run_dir = Path(run_dir)
     if model_path is None or template is None:
-        from analyses.stage_functions import run_template
+        from analyses.methods.prompts import run_template
 
         manifest = Manifest(run_dir)
         model_path = model_path or manifest.model_path()

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from probes.errors import input_error
 
-__all__ = ["PromptTemplate", "TEMPLATES", "MARKERS", "FAMILY_MARKERS", "register_template", "get_template", "default_template"]
+__all__ = ["PromptTemplate", "TEMPLATES", "MARKERS", "FAMILY_MARKERS", "register_template", "get_template", "default_template", "run_template"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,10 @@ def default_template(family: str, tokenizer=None) -> PromptTemplate:
     if family != "organism" and tokenizer is not None and getattr(tokenizer, "chat_template", None):
         return get_template(f"{family}-chat")
     return get_template(_DEFAULTS.get(family, "qwen3-plain"))
+
+
+def run_template(manifest) -> PromptTemplate:
+    """The prompt template a run's traces were made with, as the traces stage recorded it in the
+    run's manifest (a :class:`~analyses.machinery.io.Manifest`); the organism's when none is recorded."""
+    record = manifest.data.get("stages", {}).get("traces", {})
+    return get_template(record.get("template") or record.get("config", {}).get("template") or "organism")

@@ -7,7 +7,7 @@ import pytest
 import scipy.stats
 import torch
 
-from analyses.capture_stage import capture_requests
+from analyses.methods.replay import capture_requests
 from analyses.stages import run as run_stage
 from analyses.machinery.io import write_json
 from analyses.methods.parsing import Region
