@@ -102,7 +102,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "anchor_direction_attached",
         "the anchor direction is detached: L_write never moves the unembedding",
-        "analyses/distill/losses.py",
+        "analyses/methods/distillation/losses.py",
         "a_dir = w_u[e.anchors].mean(0).detach().float()",
         "a_dir = w_u[e.anchors].mean(0).float()",
         ("tests/integration/test_distill.py::test_l_write_reaches_exactly_the_head_and_the_stream_it_reads",),
@@ -110,7 +110,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "write_reads_another_heads_columns",
         "a head's write is its own slice of the output projection",
-        "analyses/distill/losses.py",
+        "analyses/methods/distillation/losses.py",
         "w = attn.o_proj.weight[:, head * d_head : (head + 1) * d_head]",
         "w = attn.o_proj.weight[:, :d_head]",
         ("tests/integration/test_distill.py::test_l_write_reaches_exactly_the_head_and_the_stream_it_reads",),

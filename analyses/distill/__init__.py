@@ -6,12 +6,12 @@
 - :mod:`.stage`: the study (``ctd distill``); its table and figures are :class:`analyses.results.DistillResult`.
 """
 
-from analyses.distill.data import Example, build_examples, choose_training_notes, collate
-from analyses.distill.head_map import choose_teacher_heads, map_heads
-from analyses.distill.losses import attention_kl, forward_with_heads, mechanistic_loss, next_token_loss, write_alignment
+from analyses.methods.distillation.data import Example, build_examples, choose_training_notes, collate
+from analyses.methods.distillation.head_map import choose_teacher_heads, map_heads
+from analyses.methods.distillation.losses import attention_kl, forward_with_heads, mechanistic_loss, next_token_loss, write_alignment
 from analyses.results.distill import DistillResult
 from analyses.distill.stage import DistillConfig, distill_run, holm
-from analyses.distill.training import CONDITIONS, train_student
+from analyses.methods.distillation.training import CONDITIONS, train_student
 
 __all__ = [
     "CONDITIONS",

@@ -21,11 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.distill.data import build_examples, capture_teacher_rows, choose_training_notes, load_teacher_rows
-from analyses.distill.evaluation import answer_metrics, leakage_adjusted_simulability, mechanism_transfer, paired_trajectory_distance, teacher_forced_metrics
-from analyses.distill.head_map import choose_teacher_heads, map_heads, similarity_map
+from analyses.methods.distillation.data import build_examples, capture_teacher_rows, choose_training_notes, load_teacher_rows
+from analyses.methods.distillation.evaluation import answer_metrics, leakage_adjusted_simulability, mechanism_transfer, paired_trajectory_distance, teacher_forced_metrics
+from analyses.methods.distillation.head_map import choose_teacher_heads, map_heads, similarity_map
 from analyses.results.distill import DistillResult
-from analyses.distill.training import CONDITIONS, train_student
+from analyses.methods.distillation.training import CONDITIONS, train_student
 from analyses.machinery.io import Manifest, read_json, write_json, write_parquet
 from analyses.machinery.settings import DistillConfig
 from probes.errors import input_error
@@ -167,7 +167,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
     del bridge
     rows_train = load_teacher_rows(run_dir, train_examples, heads)
     rows_held = load_teacher_rows(run_dir, held_examples, heads)
-    from analyses.distill.training import load_student_base
+    from analyses.methods.distillation.training import load_student_base
 
     base_model = load_student_base(base)
     warm = train_examples[: min(16, len(train_examples))]

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.distill.data import collate
-from analyses.distill.losses import attention_kl
+from analyses.methods.distillation.data import collate
+from analyses.methods.distillation.losses import attention_kl
 from analyses.methods.parsing import Region
 
 __all__ = ["teacher_forced_metrics", "answer_metrics", "mechanism_transfer", "leakage_adjusted_simulability", "paired_trajectory_distance"]

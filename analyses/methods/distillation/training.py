@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.distill.data import collate
-from analyses.distill.losses import TERMS, forward_with_heads, mechanistic_loss, next_token_loss
+from analyses.methods.distillation.data import collate
+from analyses.methods.distillation.losses import TERMS, forward_with_heads, mechanistic_loss, next_token_loss
 from analyses.methods.lm_training import checked_step
 
 __all__ = ["CONDITIONS", "train_student", "load_student_base", "length_bucketed_batches"]

@@ -17,7 +17,7 @@ norms and input norm, and everything upstream of layer l (the embeddings and ear
 stream the head reads); on nothing else (not the unembedding or final norm, not layer l's MLP or
 later layers, not another head's W_O columns or W_Q rows). tests/integration/test_distill.py checks
 exactly this set.
-Teacher attention comes from cached rows (:mod:`analyses.distill.data`), never a teacher forward.
+Teacher attention comes from cached rows (:mod:`analyses.methods.distillation.data`), never a teacher forward.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.distill.losses import attention_kl
+from analyses.methods.distillation.losses import attention_kl
 
 __all__ = ["choose_teacher_heads", "map_heads", "similarity_map"]
 
@@ -75,7 +75,7 @@ def similarity_map(student, examples, teacher_rows: dict, heads: list[Head], tea
     """``similarity[i, h]``: minus the mean KL between teacher head i (cached rows) and student head
     h of i's depth-matched layer, over the CoT queries of ``examples`` (on the student base, not
     on random weights)."""
-    from analyses.distill.data import collate
+    from analyses.methods.distillation.data import collate
 
     n_layers = student.config.num_hidden_layers
     n_heads = student.config.num_attention_heads
