@@ -198,7 +198,7 @@ def _cmd_capture(args) -> int:
 def _cmd_characterize(args) -> int:
     import pandas as pd
 
-    from analyses.characterize import tune_boundary_run
+    from analyses.stages.characterize import tune_boundary_run
 
     if args.tune_boundary:
         table = tune_boundary_run(args.run, seed=args.seed or 0)

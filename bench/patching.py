@@ -40,7 +40,7 @@ def main() -> None:
 
     from analyses.machinery.io import Manifest
     from analyses.methods.readouts import READOUTS, answer_readouts
-    from analyses.patch import _anchor_tokens, corrupt_prompt
+    from analyses.stages.patch import _anchor_tokens, corrupt_prompt
     from analyses.tasks.sources import Dataset, near_misses_of
     from probes.models import load_model
     from probes.patching import PatchInputs, TokenReadout, attribution_patching, head_sweep, normalised_effect

@@ -214,7 +214,7 @@ def child(method: str, folder: Path, length: int, device: str, dtype: str, work:
             import pandas as pd
 
             from analyses.methods.boundary import internal_signal
-            from analyses.characterize import compute_attribution
+            from analyses.stages.characterize import compute_attribution
             from probes.store import open_store
 
             store = open_store(store_root)

@@ -78,7 +78,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "control_task_per_row",
         "the control task fixes one random label per token type (Hewitt & Liang)",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "control_labels(tokens[:, 0], float(train_y.mean()), seed)",
         "control_labels(np.arange(len(tokens)), float(train_y.mean()), seed)",
         ("tests/unit/test_probe_baselines.py::test_control_task_is_memorisable_when_features_carry_the_token_type",),
@@ -86,7 +86,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "selectivity_ci_nan",
         "probe selectivity carries its paired bootstrap CI",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         '"selectivity_ci_low": sel_lo, "selectivity_ci_high": sel_hi',
         '"selectivity_ci_low": np.nan, "selectivity_ci_high": np.nan',
         ("tests/unit/test_probe_baselines.py::test_selectivity_ci_is_the_paired_document_bootstrap",),
@@ -94,7 +94,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "control_rate_reads_test_rows",
         "the control task's positive rate comes from training rows only",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "float(train_y.mean())",
         "float(labels.mean())",
         ("tests/unit/test_probe_baselines.py::test_control_rate_comes_from_training_rows",),
@@ -142,7 +142,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "boundary_tuning_reads_test_traces",
         "--tune-boundary chooses its settings on dev traces only",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "    traces = _usable_traces(dev_path)\n    missing = sorted(",
         '    traces = pd.concat([_usable_traces(dev_path), _usable_traces(run_dir / "traces.parquet")], ignore_index=True)\n    missing = sorted(',
         ("tests/integration/test_characterize_organism.py::test_boundary_tuning_reads_dev_traces_only",),
@@ -158,9 +158,9 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "no_dev_traces_outside_the_organism",
         "ctd run draws dev traces for every model",
-        "analyses/traces.py",
-        'return 100 if _template_for(Path(model_dir), template_name).family == "organism" else 50',
-        'return 100 if _template_for(Path(model_dir), template_name).family == "organism" else 0',
+        "analyses/stages/traces.py",
+        'return 100 if template_for(Path(model_dir), template_name).family == "organism" else 50',
+        'return 100 if template_for(Path(model_dir), template_name).family == "organism" else 0',
         ("tests/integration/test_dev_split.py::test_ctd_run_on_another_family_writes_dev_traces",),
     ),
     Mutant(
@@ -175,7 +175,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "patch_ranks_on_test_traces",
         "the patch stage never ranks heads on the test traces it measures",
-        "analyses/patch.py",
+        "analyses/stages/patch.py",
         "    if not dev_scores_path.exists():\n        raise input_error(",
         '    if not dev_scores_path.exists():\n        dev_scores_path = run_dir / "head_scores.parquet"\n    if False:\n        raise input_error(',
         ("tests/integration/test_dev_split.py::test_the_report_names_the_traces_heads_were_ranked_on",),
@@ -184,7 +184,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "all_heads_set_misses_a_head",
         "patching.parquet: patching every head recovers the whole gap",
-        "analyses/patch.py",
+        "analyses/stages/patch.py",
         "head_set_effects(bridge, inputs, readouts, [heads_all], positions",
         "head_set_effects(bridge, inputs, readouts, [heads_all[1:]], positions",
         ("tests/integration/test_patch_stage.py::test_patching_every_head_recovers_the_whole_gap_in_the_stored_table",),
@@ -193,7 +193,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "agreement_not_from_the_two_maps",
         "patching.parquet: the stored attribution-vs-sweep agreement is the Spearman of the two maps",
-        "analyses/patch.py",
+        "analyses/stages/patch.py",
         '"value": _spearman(attr, point), "ci_low": lo',
         '"value": _spearman(point, point), "ci_low": lo',
         ("tests/integration/test_patch_stage.py::test_attribution_agrees_with_the_sweep_as_stored",),
@@ -202,7 +202,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "dev_scores_computed_on_test_traces",
         "the ranking later stages act on is computed on dev traces",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "dev_scores = compute_head_scores(store, bridge, dev, dataset.docs, dataset.labels, dev_tau, n_boot, seed)",
         "dev_scores = compute_head_scores(store, bridge, traces, dataset.docs, dataset.labels, internal_tau, n_boot, seed)",
         ("tests/integration/test_characterize_organism.py::test_dev_head_scores_come_from_dev_traces",),
@@ -210,7 +210,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "patch_ranks_with_the_test_scores",
         "the patch stage ranks heads with the dev scores it records",
-        "analyses/patch.py",
+        "analyses/stages/patch.py",
         '    scores, ranked_on = dev_scores.frame, dev_scores.meta.get("traces") or "dev traces"',
         '    scores, ranked_on = HeadScores.load(run_dir / "head_scores.parquet").frame, dev_scores.meta.get("traces") or "dev traces"',
         ("tests/integration/test_dev_split.py::test_patching_ranks_heads_with_the_dev_scores_it_records",),
@@ -219,7 +219,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "control_task_keyed_on_previous_token",
         "the control task's label is fixed per current token type",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "control_labels(tokens[:, 0], float(train_y.mean()), seed)",
         "control_labels(tokens[:, 1], float(train_y.mean()), seed)",
         ("tests/unit/test_probe_baselines.py::test_control_task_is_memorisable_when_features_carry_the_token_type",),
@@ -227,7 +227,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "control_bank_fitted_on_every_row",
         "the control task is fitted on the training documents only",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "control_fit = fit_probe_bank(controls, train_masks)",
         "control_fit = fit_probe_bank(controls, [np.ones_like(m) for m in train_masks])",
         ("tests/unit/test_probe_baselines.py::test_every_baseline_is_fitted_on_the_training_documents_only",),
@@ -235,7 +235,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "token_baseline_reads_held_out_labels",
         "the token-identity baseline learns from training rows only",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "token_identity_predict(tokens[~test], p.labels[~test], tokens[test])",
         "token_identity_predict(tokens, p.labels, tokens[test])",
         ("tests/unit/test_probe_baselines.py::test_token_baseline_reads_training_labels_not_held_out_ones",),
@@ -259,7 +259,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "attribution_from_the_wrong_baseline",
         "patching.parquet: attribution estimates are in the sweep's units (patched from the right run)",
-        "analyses/patch.py",
+        "analyses/stages/patch.py",
         'base = runs.corrupt[r] if mode == "denoise" else runs.clean[r]',
         'base = runs.clean[r] if mode == "denoise" else runs.corrupt[r]',
         ("tests/integration/test_patch_stage.py::test_attribution_agrees_with_the_sweep_as_stored",),

@@ -124,7 +124,7 @@ def evaluate_student_base(folder: str | Path, teacher_dir: str | Path, labels: L
     """What the base can do before distillation: held-out perplexity, and the teacher's task
     (prompted with the teacher's template, greedy): answer micro-F1, shortlist recall, well-formed."""
     from analyses.tasks.metrics import set_metrics
-    from analyses.traces import GenerationConfig, generate_traces
+    from analyses.models.generation import GenerationConfig, generate_traces
     from probes.models import load_hf_model, load_tokenizer
 
     tokenizer = load_tokenizer(folder)

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 
 from analyses.methods.boundary import Boundary
-from analyses.characterize import PROBE_TARGETS, bucket_names
+from analyses.stages.characterize import PROBE_TARGETS, bucket_names
 
 
 def test_internal_boundary_beats_the_fitted_constant(organism_run):
@@ -90,7 +90,7 @@ def test_boundary_tuning_reads_dev_traces_only(organism_run, tmp_path, monkeypat
     import pyarrow.parquet as pq
 
     import analyses.machinery.io
-    from analyses.characterize import tune_boundary_run
+    from analyses.stages.characterize import tune_boundary_run
     from probes.store import StoreReader
 
     run, _ = organism_run

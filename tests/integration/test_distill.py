@@ -3,7 +3,8 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.distill import CONDITIONS, attention_kl, build_examples, choose_training_notes, collate, forward_with_heads, holm, map_heads, mechanistic_loss, next_token_loss, train_student, write_alignment
+from analyses.methods.distillation import CONDITIONS, attention_kl, build_examples, choose_training_notes, collate, forward_with_heads, map_heads, mechanistic_loss, next_token_loss, train_student, write_alignment
+from analyses.stages.distill import holm
 from analyses.methods.distillation.data import capture_teacher_rows, load_teacher_rows
 from analyses.methods.distillation.evaluation import paired_trajectory_distance
 from analyses.models.organism import build_corpus

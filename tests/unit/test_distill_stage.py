@@ -4,7 +4,7 @@ changes how a student is trained or evaluated retrains it."""
 import json
 from dataclasses import asdict, replace
 
-from analyses.distill.stage import _finished
+from analyses.stages.distill import _finished
 from analyses.machinery.io import write_json
 from analyses.machinery.settings import DistillConfig
 

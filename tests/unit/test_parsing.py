@@ -126,7 +126,7 @@ def test_teacher_trace_parses_back(heart_labels, heart_notes):
 
 
 def test_injected_shortlist_round_trips_through_the_parser(heart_labels, tiny_tokenizer):
-    from analyses.isolate import shortlist_text
+    from analyses.stages.isolate import shortlist_text
 
     parser = TraceParser(heart_labels)
     codes = ["I50.22", "I50.21", "I31.4", "I48.0"]

@@ -228,7 +228,7 @@ def train_organism(out: str | Path, config: OrganismConfig = OrganismConfig(), p
 def evaluate_organism(model_dir: str | Path, docs: pd.DataFrame, labels: LabelSpace, batch_size: int = 50, progress: bool = True) -> dict:
     """Greedy traces on ``docs``: answer micro-F1, shortlist recall, well-formed rate, boundary presence."""
     from analyses.tasks.metrics import set_metrics
-    from analyses.traces import generate_traces
+    from analyses.models.generation import generate_traces
 
     traces = generate_traces(model_dir, docs, labels, template_name="organism", batch_size=batch_size, progress=progress)
     gold = [set(map(int, g)) for g in docs["gold"]]

@@ -1,5 +1,5 @@
-"""``ctd distill --run DIR``: does a student trained with phase-aware losses beat standard CoT
-distillation on the same traces and budget? (DESIGN §1, question 3)
+"""The ``distill`` stage (``ctd distill --run DIR``): does a student trained with phase-aware losses
+beat standard CoT distillation on the same traces and budget? (DESIGN §1, question 3)
 
 Every student starts from the student base and sees the teacher's traces of training notes chosen
 to cover the evaluation notes' gold codes; the teacher's attention rows for the mapped heads are
@@ -7,7 +7,9 @@ read from a capture store (no teacher forward per step). Conditions: ``standard`
 ``mechanistic``, ``standard_equal_compute`` (standard given the mechanistic student's wall time)
 and ablations. Each student records a learning curve; the headline (mechanistic - standard) is
 paired by seed with a bootstrap CI over seeds and notes; ablations carry Holm-adjusted p-values.
-Whatever the sign, it is reported.
+Whatever the sign, it is reported. What the study is made of (losses, head map, data, training,
+evaluation) is :mod:`analyses.methods.distillation`; ``ctd distill --pilot`` is the same stage
+on the pilot's settings (``distill_pilot``, a stage of its own command only).
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ from analyses.methods.distillation.evaluation import answer_metrics, leakage_adj
 from analyses.methods.distillation.head_map import choose_teacher_heads, map_heads, similarity_map
 from analyses.results.distill import DistillResult
 from analyses.methods.distillation.training import CONDITIONS, train_student
-from analyses.machinery.io import Manifest, read_json, write_json, write_parquet
+from analyses.machinery.io import read_json, write_json, write_parquet
+from analyses.machinery.protocol import Stage, StageContext, register_stage
 from analyses.machinery.settings import DistillConfig
+from analyses.methods.prompts import run_template
 from probes.errors import input_error
 
-__all__ = ["DistillConfig", "distill_run", "holm"]
+__all__ = ["DistillConfig", "compute", "holm"]
 
 HEADLINE = ("standard", "mechanistic")
 ABLATIONS = ("no_phase1", "no_phase2", "no_attn", "no_loop", "no_write", "no_int")
@@ -67,7 +71,7 @@ def _finished(folder: Path, cfg: DistillConfig) -> dict | None:
 
 
 def _teacher_traces(path: Path, model_path: str, docs: pd.DataFrame, labels, template, tokenizer, hf, max_new_tokens: int, progress: bool) -> pd.DataFrame:
-    from analyses.traces import GenerationConfig, generate_traces
+    from analyses.models.generation import GenerationConfig, generate_traces
 
     if path.exists():
         cached = pd.read_parquet(path)
@@ -93,32 +97,24 @@ def _per_doc_diff_ci(a: dict[int, np.ndarray], b: dict[int, np.ndarray], seeds: 
     return point, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975)), p
 
 
-def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progress: bool = True, model_path: str | Path | None = None, template=None) -> DistillResult:
-    """The distillation study of a run.
-
-    Args:
-        run_dir: a run with traces (its teacher is the run's model), and head scores or patching.
-        config: :class:`~analyses.machinery.settings.DistillConfig` (default study: 5 conditions x 5 seeds).
-        model_path, template: the run's (read from its manifest when None).
+def compute(ctx: StageContext) -> DistillResult:
+    """The distillation study of a run: a run with traces (its teacher is the run's model and prompt
+    template), and head scores or patching. ``ctx.settings``:
+    :class:`~analyses.machinery.settings.DistillConfig` (default study: 5 conditions x 5 seeds).
     """
     from analyses.methods.dynamics import compute_dynamics
     from analyses.methods.readouts import answer_readouts
     from analyses.models.student import default_student_base_path
     from analyses.tasks.sources import Dataset
-    from analyses.traces import GenerationConfig, generate_traces
+    from analyses.models.generation import GenerationConfig, generate_traces
     from probes.models import load_hf_model, load_model, load_tokenizer
 
-    cfg = config or DistillConfig()
+    run_dir, progress = Path(ctx.run_dir), ctx.progress
+    model_path, template = ctx.model_path, run_template(ctx.manifest)
+    cfg = ctx.settings or DistillConfig()
     unknown = [c for c in cfg.conditions if c not in CONDITIONS]
     if unknown:
         raise input_error(None, f"unknown distillation condition(s) {unknown}", f"use some of {list(CONDITIONS)}")
-    run_dir = Path(run_dir)
-    if model_path is None or template is None:
-        from analyses.methods.prompts import run_template
-
-        manifest = Manifest(run_dir)
-        model_path = model_path or manifest.model_path()
-        template = template or run_template(manifest)
     base = Path(cfg.student) if cfg.student else default_student_base_path()
     if not (base / "config.json").exists():
         raise input_error(base, "no student base here", "pass --student the folder of a small pretrained causal LM with the teacher's tokenizer, or restore analyses/assets/student_base")
@@ -366,3 +362,7 @@ def distill_run(run_dir: str | Path, config: DistillConfig | None = None, progre
         "curves": curves_meta,
     }
     return DistillResult(frame, meta)
+
+
+register_stage(Stage("distill", "distill", ("traces.parquet",), ("distill.parquet", "head_map.json", "students/"), compute, "standard vs mechanistic students from the student base"))
+register_stage(Stage("distill_pilot", "distill", ("traces.parquet",), ("distill_pilot.parquet", "head_map.json"), compute, "the learning-curve pilot that chooses the distillation budget"), in_run=False)

@@ -1,8 +1,10 @@
-"""Traces: prompt each document, generate a chain of thought and answer, parse it (``ctd traces``).
+"""Traces from a model: prompt each document, generate a chain of thought and answer, parse it.
 
 Generation is Hugging Face ``generate`` with its KV cache, batched with left padding (the position
 ids follow the attention mask). Each trace is parsed into mentions, shortlist, answer and per-token
-regions; malformed traces are kept and flagged, and the stage prints how many there were.
+regions; malformed traces are kept and flagged. The traces stage (:mod:`analyses.stages.traces`)
+writes a run's traces with it; the organism's and the student base's evaluations and the
+distillation study generate through it too.
 
 Traces a serving engine generated (vLLM, SGLang, an API's reasoning content) come in as JSONL
 (``ctd traces --from``): each prompt is rebuilt as generation builds it, the completion is
@@ -21,23 +23,19 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.machinery.io import write_parquet
 from analyses.machinery.settings import GenerationSettings
-from analyses.models.organism import boundary_char, default_organism_path
+from analyses.models.organism.format import boundary_char, default_organism_path
 from analyses.methods.parsing import TraceParser, token_char_spans
 from analyses.methods.prompts import PromptTemplate, default_template, get_template
 from analyses.tasks.labels import LabelSpace
 from analyses.tasks.sources import near_misses_of
-from probes.distributed import barrier, rank_and_world, shard_for_rank
 from probes.errors import CtdInputError, input_error
 
 __all__ = [
     "GenerationConfig",
     "generate_traces",
-    "make_traces",
     "resolve_model_path",
-    "default_dev_docs",
-    "dev_documents",
+    "template_for",
     "engine_prompts",
     "read_engine_traces",
     "import_traces",
@@ -59,7 +57,9 @@ def resolve_model_path(model: str | Path | None) -> Path:
     return path
 
 
-def _template_for(model_dir: Path, template_name: str | None, tokenizer=None) -> PromptTemplate:
+def template_for(model_dir: Path, template_name: str | None, tokenizer=None) -> PromptTemplate:
+    """The prompt template named ``template_name``, else the model's default (the organism's for the
+    organism, else its family's, read from its tokenizer)."""
     if template_name is not None:
         return get_template(template_name)
     if (model_dir / "ctd_organism.json").exists():
@@ -174,7 +174,7 @@ def generate_traces(
         config.batch_size = batch_size
     model_dir = Path(model)
     tokenizer = tokenizer or load_tokenizer(model_dir)
-    template = _template_for(model_dir, template_name, tokenizer)
+    template = template_for(model_dir, template_name, tokenizer)
     hf_model = hf_model or load_hf_model(model_dir, attn_implementation=config.attn_implementation, device_map=config.device_map)
     parser = TraceParser.for_template(labels, template)
     eos_ids = [tokenizer.eos_token_id]
@@ -211,116 +211,6 @@ def generate_traces(
     return _trace_frame(rows)
 
 
-def default_dev_docs(model_dir: Path, template_name: str | None = None) -> int:
-    """Dev traces generated beside the test traces by default, for every model: the patch stage
-    ranks heads on them (never on the test traces it measures), and where traces carry a known
-    boundary (the embedded organism) they also fit the ``constant`` estimator and tune the internal
-    one. 100 for the organism, 50 for other models (each is a generation of a real model); fewer
-    when the dataset has fewer (see :func:`make_traces`)."""
-    return 100 if _template_for(Path(model_dir), template_name).family == "organism" else 50
-
-
-def dev_documents(dataset, n_dev_docs: int) -> tuple[pd.DataFrame, str]:
-    """The first ``n_dev_docs`` documents of the dev split, or of the training split for a dataset
-    without one (XC-repo folders ship train and test only); never a test document."""
-    for split in ("dev", "train"):
-        docs = dataset.split(split)
-        if len(docs):
-            return docs.head(n_dev_docs), split
-    return dataset.docs.head(0), ""
-
-
-def make_traces(
-    run_dir: Path,
-    dataset,
-    model_dir: Path,
-    split: str = "test",
-    n_docs: int | None = None,
-    n_dev_docs: int | None = None,
-    template_name: str | None = None,
-    config: GenerationConfig | None = None,
-    progress: bool = True,
-    record: dict | None = None,
-    from_file: str | Path | None = None,
-) -> pd.DataFrame:
-    """Generate, parse and write ``traces.parquet`` (the ``split`` documents) and
-    ``dev_traces.parquet`` (``n_dev_docs`` dev documents, see :func:`default_dev_docs`); under
-    torchrun each rank generates its share and rank 0 joins them. Writes no manifest.
-
-    Args:
-        run_dir: the run directory (its ``docs.parquet`` and ``labels.parquet`` already written).
-        model_dir: a model folder.
-        record: facts for the manifest's stage record (counts, processes) are added here.
-        from_file: a serving engine's completions (JSONL, see :func:`read_engine_traces`) to parse
-            instead of generating; the file names the documents, so ``n_docs``, ``n_dev_docs`` and
-            ``config`` do not apply.
-    """
-    run_dir = Path(run_dir)
-    config = config or GenerationConfig()
-    record = {} if record is None else record
-    if from_file is not None:
-        return _import_run_traces(run_dir, dataset, model_dir, Path(from_file), split, template_name, record)
-    docs = dataset.split(split) if split != "all" else dataset.docs
-    if n_docs is not None:
-        if len(docs) < n_docs:
-            raise input_error(run_dir, f"--n-docs {n_docs} asks for more documents than split {split!r} holds ({len(docs)})", f"ask for at most {len(docs)}, or generate more notes (--opt n_docs=N)")
-        docs = docs.head(n_docs)
-    if docs.empty:
-        raise input_error(run_dir, f"no documents in split {split!r}", "choose another --split or a dataset with that split")
-    n_dev_docs = default_dev_docs(model_dir, template_name) if n_dev_docs is None else n_dev_docs
-    dev_docs, dev_split = dev_documents(dataset, n_dev_docs) if n_dev_docs and split not in ("dev", "all") else (dataset.docs.head(0), "")
-    if n_dev_docs and split not in ("dev", "all"):
-        if dev_docs.empty:
-            print("[traces] the dataset has no dev or train documents: no dev traces (ctd patch will refuse to rank heads on test traces)", file=sys.stderr)
-        elif dev_split != "dev":
-            print(f"[traces] the dataset has no dev split: {len(dev_docs)} dev traces drawn from its {dev_split} split", file=sys.stderr)
-        elif len(dev_docs) < n_dev_docs:
-            print(f"[traces] the dev split holds {len(dev_docs)} documents: {len(dev_docs)} dev traces (asked for {n_dev_docs})", file=sys.stderr)
-    record["dev_split"] = dev_split or None
-    rank, world = rank_and_world()
-
-    def generate(frame: pd.DataFrame, name: str) -> pd.DataFrame:
-        """Every document's trace; under torchrun each rank writes its share and rank 0 joins them."""
-        if world == 1:
-            return generate_traces(model_dir, frame, dataset.labels, template_name=template_name, config=config, progress=progress)
-        part = run_dir / f"{name}.rank-{rank}-of-{world}.parquet"
-        if not part.exists():  # a rerun after a rank died regenerates only the missing shares
-            write_parquet(generate_traces(model_dir, shard_for_rank(frame), dataset.labels, template_name=template_name, config=config, progress=progress and rank == 0), part)
-        barrier()
-        if rank != 0:
-            return frame.head(0)
-        parts = pd.concat([pd.read_parquet(run_dir / f"{name}.rank-{r}-of-{world}.parquet") for r in range(world)], ignore_index=True)
-        return parts.set_index("doc_id").loc[list(frame["doc_id"])].reset_index()
-
-    traces = generate(docs, "traces")
-    dev = generate(dev_docs, "dev_traces") if len(dev_docs) else None
-    if rank != 0:
-        barrier()
-        return traces
-    _write_traces(run_dir, traces, dev, record, world)
-    return traces
-
-
-def _write_traces(run_dir: Path, traces: pd.DataFrame, dev: pd.DataFrame | None, record: dict, world: int) -> None:
-    """Rank 0's end of the stage, generated or imported: write both files, count, and say how many
-    traces are malformed."""
-    write_parquet(traces, run_dir / "traces.parquet")
-    if dev is not None:
-        write_parquet(dev, run_dir / "dev_traces.parquet")
-    elif (run_dir / "dev_traces.parquet").exists():
-        (run_dir / "dev_traces.parquet").unlink()  # the stage is redone: an earlier run's dev traces would pass for this one's
-    if world > 1:
-        for leftover in run_dir.glob("*.rank-*-of-*.parquet"):
-            leftover.unlink()
-        barrier()
-    bad = traces[~traces["well_formed"]]
-    record["counts"] = {"traces": int(len(traces)), "malformed": int(len(bad)), "dev_traces": 0 if dev is None else int(len(dev))}
-    record["processes"] = world
-    reasons = pd.Series([p for ps in bad["problems"] for p in ps]).str.replace(r" \[.*", "", regex=True).value_counts()
-    detail = ", ".join(f"{k}: {v}" for k, v in reasons.items())
-    print(f"[traces] {len(traces)} traces, {len(bad)} malformed (kept and flagged{': ' + detail if detail else ''})", file=sys.stderr)
-
-
 # ------------------------------------------------------------------------------------------------
 # traces from a serving engine (``ctd traces --from FILE.jsonl``): the two-pass design needs only
 # the text, so vLLM, SGLang or an API may generate; the suite rebuilds each prompt and parses.
@@ -340,7 +230,7 @@ def engine_prompts(model: str | Path, docs: pd.DataFrame, template_name: str | N
 
     model_dir = Path(model)
     tokenizer = tokenizer or load_tokenizer(model_dir)
-    template = _template_for(model_dir, template_name, tokenizer)
+    template = template_for(model_dir, template_name, tokenizer)
     prompts = _render_prompts(template, tokenizer, docs, None)
     # a chat template wraps the body (the document in the template's request) in the user turn
     messages = [template.body.replace("{document}", text) if template.chat else None for text in docs["text"]]
@@ -441,7 +331,7 @@ def read_engine_traces(path: str | Path, docs: pd.DataFrame, template: PromptTem
             raise input_error(path, "no doc_id", _ROW_FORMAT, number)
         key = str(row["doc_id"])
         if key not in known:
-            raise input_error(path, f"unknown doc_id {row['doc_id']!r}", "use the doc_ids of the run's docs.parquet (the documents whose prompts the engine was given, see analyses.traces.engine_prompts)", number)
+            raise input_error(path, f"unknown doc_id {row['doc_id']!r}", "use the doc_ids of the run's docs.parquet (the documents whose prompts the engine was given, see analyses.models.generation.engine_prompts)", number)
         if key in seen:
             raise input_error(path, f"doc_id {row['doc_id']!r} repeats line {seen[key]}", "keep one trace per document", number)
         if splits is not None and split_of[key] not in splits:
@@ -471,7 +361,7 @@ def import_traces(
 
     model_dir = Path(model)
     tokenizer = tokenizer or load_tokenizer(model_dir)
-    template = _template_for(model_dir, template_name, tokenizer)
+    template = template_for(model_dir, template_name, tokenizer)
     parser = TraceParser.for_template(labels, template)
     prompts = _render_prompts(template, tokenizer, docs, labels, candidates)
     rows = [
@@ -479,44 +369,3 @@ def import_traces(
         for (_, doc), prompt, completion in zip(docs.iterrows(), prompts, completions)
     ]
     return _trace_frame(rows)
-
-
-def _import_run_traces(run_dir: Path, dataset, model_dir: Path, path: Path, split: str, template_name: str | None, record: dict) -> pd.DataFrame:
-    """``make_traces`` from an engine's JSONL: rows of ``split`` documents to ``traces.parquet``,
-    rows of dev documents to ``dev_traces.parquet``, in the file's order; every row is checked
-    before either is written."""
-    from probes.models import load_tokenizer
-
-    tokenizer = load_tokenizer(model_dir)
-    template = _template_for(model_dir, template_name, tokenizer)
-    dev_split = dev_documents(dataset, 0)[1] if split not in ("dev", "all") else ""
-    dev_split = "" if dev_split == split else dev_split
-    rows = read_engine_traces(path, dataset.docs, template, None if split == "all" else tuple(s for s in (split, dev_split) if s))
-    position = {str(d): i for i, d in enumerate(dataset.docs["doc_id"])}
-    picked: dict[str, tuple[list[int], list[str]]] = {"traces": ([], []), "dev": ([], [])}
-    for doc_id, completion in zip(rows.doc_ids, rows.completions):
-        at = position[str(doc_id)]
-        kind = "dev" if dev_split and dataset.docs["split"].iloc[at] == dev_split else "traces"
-        picked[kind][0].append(at)
-        picked[kind][1].append(completion)
-    if not picked["traces"][0]:
-        raise input_error(path, f"no {split} documents in the file (only {dev_split} ones)", f"add the engine's traces of {split} documents, or pass --split {dev_split}")
-    record["from_file"] = {"path": str(path.resolve()), "sha256": rows.sha256, "rows": len(rows.doc_ids)}
-    record["dev_split"] = dev_split if picked["dev"][0] else None
-    rank, world = rank_and_world()
-    if rank != 0:  # every rank checked the file (and stops on the same bad row); rank 0 writes
-        barrier()
-        return dataset.docs.head(0)
-
-    def parse(kind: str) -> pd.DataFrame:
-        at, completions = picked[kind]
-        return import_traces(model_dir, dataset.docs.iloc[at], dataset.labels, completions, template_name, tokenizer)
-
-    traces = parse("traces")
-    dev = parse("dev") if picked["dev"][0] else None
-    print(f"[traces] {len(rows.doc_ids)} rows of {path}: {len(traces)} {split} traces, {0 if dev is None else len(dev)} {dev_split or 'dev'} traces", file=sys.stderr)
-    if dev is None and dev_split:
-        print(f"[traces] {path.name} holds no {dev_split} documents, so heads cannot be ranked (ctd patch will refuse without dev traces): "
-              f"add the engine's traces of the {dev_split} documents of {run_dir / 'docs.parquet'} to the file and rerun ctd traces --from", file=sys.stderr)
-    _write_traces(run_dir, traces, dev, record, world)
-    return traces

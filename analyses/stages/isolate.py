@@ -1,4 +1,5 @@
-"""``ctd isolate --run DIR``: can the phases be separated, and are they complementary? (DESIGN §2)
+"""The ``isolate`` stage (``ctd isolate --run DIR``): can the phases be separated, and are they
+complementary? (DESIGN §2)
 
 Conditions, each read out as shortlist recall, answer micro-F1, P@1 and recall with bootstrap CIs
 (``CONDITIONS`` describes each in words; the same words go into the result's meta):
@@ -27,15 +28,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.machinery.io import Manifest, read_parquet
+from analyses.machinery.io import read_parquet
+from analyses.machinery.protocol import Stage, StageContext, register_stage
 from analyses.methods.parsing import TraceParser
-from analyses.machinery.settings import IsolateSettings
+from analyses.methods.prompts import run_template
 from analyses.results.boundary import Boundary
 from analyses.results.isolation import IsolationResult
 from analyses.tasks.sources import Dataset, near_misses_of
 from probes.errors import input_error
 
-__all__ = ["IsolationResult", "isolate_run", "shortlist_text", "continue_batch"]
+__all__ = ["IsolationResult", "compute", "shortlist_text", "continue_batch"]
 
 
 CONDITIONS = {
@@ -92,24 +94,17 @@ def _paired_diff_ci(a: np.ndarray, b: np.ndarray, gold: list[set], n_boot: int, 
     return point, float(np.quantile(draws, 0.025)), float(np.quantile(draws, 0.975))
 
 
-def isolate_run(run_dir: str | Path, settings: IsolateSettings = IsolateSettings(), progress: bool = True, model_path: str | Path | None = None, template=None) -> IsolationResult:
-    """The isolation conditions and the complementarity verdict on the run's traces.
-
-    Args:
-        settings: :class:`~analyses.machinery.settings.IsolateSettings`.
-        model_path, template: the run's (read from its manifest when None).
+def compute(ctx: StageContext) -> IsolationResult:
+    """The isolation conditions and the complementarity verdict on the run's traces, with the run's
+    model and prompt template (``ctx.settings``: :class:`~analyses.machinery.settings.IsolateSettings`).
+    The verdict also goes into the stage record.
     """
     from analyses.methods.retrieval import LabelRetriever
     from analyses.tasks.metrics import bootstrap_ci, set_metrics
     from probes.models import load_hf_model, load_tokenizer
 
-    run_dir = Path(run_dir)
-    if model_path is None or template is None:
-        from analyses.methods.prompts import run_template
-
-        manifest = Manifest(run_dir)
-        model_path = model_path or manifest.model_path()
-        template = template or run_template(manifest)
+    run_dir, settings, progress = Path(ctx.run_dir), ctx.settings, ctx.progress
+    model_path, template = ctx.model_path, run_template(ctx.manifest)
     retriever_k, other_run, n_docs, n_boot, seed = settings.retriever_k, settings.other_run, settings.n_docs, settings.n_boot, settings.seed
     traces = read_parquet(run_dir / "traces.parquet")
     tau = Boundary.load(run_dir / "boundary.parquet").tau("internal")
@@ -206,4 +201,9 @@ def isolate_run(run_dir: str | Path, settings: IsolateSettings = IsolateSettings
         "retriever_alone_size": f"{answer_size} (median gold labels per document of the {'training split' if len(train_docs) else 'non-evaluated documents'}, not the model's answers)",
         "n_traces": n,
     }
-    return IsolationResult(pd.DataFrame(rows), meta)
+    result = IsolationResult(pd.DataFrame(rows), meta)
+    ctx.record["complementarity"] = result.verdict()
+    return result
+
+
+register_stage(Stage("isolate", "isolate", ("boundary.parquet",), ("isolation.parquet",), compute, "truncation, injection, retriever baselines, complementarity"))

@@ -5,9 +5,13 @@ reads and writes, and a ``compute(ctx)`` that returns its result (a ``FrameResul
 them by file stem, or None when it wrote its own files, as capture writes its store). The runner
 (:func:`run_stage`) checks the inputs, refuses a finished stage with other settings, skips a
 finished one, records timing, settings, seed and the sha256 of every output in the manifest, and
-saves returned results: stage functions never write the manifest. ``ctd run`` and every stage
-command go through it. A new stage is one module with a ``compute`` and one
-:func:`register_stage` call.
+saves returned results: a stage's ``compute`` never writes the manifest. ``ctd run`` and every
+stage command go through it.
+
+A stage is one module with a ``compute`` and one :func:`register_stage` call. The built-in stages
+are such modules in :mod:`analyses.stages`, which registers them, in order, when it is imported;
+this module knows none of them (it sits below them), so reach the registry through
+``analyses.stages`` (``from analyses.stages import Stage, register_stage, run``).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from analyses.machinery.io import Manifest
 from analyses.machinery.settings import RunConfig
 from probes.errors import input_error
 
-__all__ = ["Stage", "StageContext", "STAGES", "register_stage", "stage_named", "stage_names", "run_stage", "run_study"]
+__all__ = ["Stage", "StageContext", "STAGES", "register_stage", "stage_named", "stage_names", "run", "run_stage", "run_study"]
 
 
 @dataclass
@@ -63,14 +67,13 @@ class Stage:
         return [o.rstrip("?") for o in self.outputs]
 
 
-STAGES: list[Stage] = []  # the stages of `ctd run`, in order
+STAGES: list[Stage] = []  # the stages of `ctd run`, in order (the built-ins first: analyses.stages)
 EXTRA_STAGES: list[Stage] = []  # stages with a command of their own only (the distillation pilot)
 
 
 def register_stage(stage: Stage, after: str | None = None, in_run: bool = True) -> Stage:
     """Add ``stage`` to the stages ``ctd run`` runs (at the end, or right after the stage
     ``after``); ``in_run=False`` makes it a stage of its own command only."""
-    _ensure_registered()
     for existing in (STAGES, EXTRA_STAGES):
         existing[:] = [s for s in existing if s.name != stage.name]
     if not in_run:
@@ -83,12 +86,10 @@ def register_stage(stage: Stage, after: str | None = None, in_run: bool = True) 
 
 def stage_names() -> tuple[str, ...]:
     """The stages ``ctd run`` runs, in order."""
-    _ensure_registered()
     return tuple(s.name for s in STAGES)
 
 
 def stage_named(name: str) -> Stage:
-    _ensure_registered()
     for stage in STAGES + EXTRA_STAGES:
         if stage.name == name:
             return stage
@@ -172,7 +173,6 @@ def run_stage(stage: Stage, run_dir: str | Path, config: RunConfig, manifest: Ma
 def run_study(config: RunConfig, until: str | None = None, progress: bool = True) -> Path:
     """``ctd run``: every registered stage in order into ``config.out`` (up to and including
     ``until``); finished stages are reused, each output checked against its recorded hash first."""
-    _ensure_registered()
     names = [s.name for s in STAGES]
     if until is not None and until not in names:
         raise input_error(None, f"unknown stage {until!r}", f"use one of {', '.join(names)}")
@@ -191,28 +191,3 @@ def run_study(config: RunConfig, until: str | None = None, progress: bool = True
     manifest.update(run_seconds=round(time.perf_counter() - started, 1))
     print(f"[run] manifest: {run_dir / 'manifest.json'}", file=sys.stderr)
     return run_dir
-
-
-_REGISTERED = False
-
-
-def _ensure_registered() -> None:
-    """The built-in stages, registered once (their modules import torch: only when a run starts)."""
-    global _REGISTERED
-    if _REGISTERED:
-        return
-    _REGISTERED = True
-    from analyses import stage_functions as f
-
-    builtin = [
-        Stage("data", "data", (), ("labels.parquet", "docs.parquet"), f.data, "the label space and the documents"),
-        Stage("traces", "traces", ("docs.parquet", "labels.parquet"), ("traces.parquet", "dev_traces.parquet?"), f.traces, "generate and parse the model's traces"),
-        Stage("capture", "capture", ("traces.parquet",), ("activations/",), f.capture, "replay the traces into the activation store"),
-        Stage("characterize", "characterize", ("traces.parquet", "activations/"), ("dynamics.parquet", "boundary.parquet", "head_scores.parquet", "dev_head_scores.parquet?", "attribution.parquet", "probes.parquet", "lens.parquet"), f.characterize, "dynamics, boundary, head scores, attribution, probes, logit lens"),
-        Stage("patch", "patch", ("boundary.parquet", "head_scores.parquet"), ("patching.parquet",), f.patch, "every head's causal effect and the scores' agreement with it"),
-        Stage("isolate", "isolate", ("boundary.parquet",), ("isolation.parquet",), f.isolate, "truncation, injection, retriever baselines, complementarity"),
-        Stage("distill", "distill", ("traces.parquet",), ("distill.parquet", "head_map.json", "students/"), f.distill, "standard vs mechanistic students from the student base"),
-        Stage("report", "report", (), ("report.html", "figures/"), f.report, "figures and report.html"),
-    ]
-    STAGES[:0] = builtin  # before any stage registered so far
-    EXTRA_STAGES.append(Stage("distill_pilot", "distill", ("traces.parquet",), ("distill_pilot.parquet", "head_map.json"), f.distill_pilot, "the learning-curve pilot that chooses the distillation budget"))

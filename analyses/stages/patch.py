@@ -1,4 +1,5 @@
-"""``ctd patch --run DIR``: every head's causal effect, and whether the phase scores point at it.
+"""The ``patch`` stage (``ctd patch --run DIR``): every head's causal effect, and whether the phase
+scores point at it.
 
 For each test trace the corrupted prompt swaps the document's anchor tokens for those of an
 unrelated document (no shared gold label), token for token, so clean and corrupted runs line up.
@@ -33,13 +34,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analyses.machinery.io import Manifest, read_parquet
+from analyses.machinery.io import read_parquet
+from analyses.machinery.protocol import Stage, StageContext, register_stage
 from analyses.methods.parsing import Region, TraceParser
+from analyses.methods.prompts import run_template
 from analyses.methods.readouts import READOUTS, answer_readouts, find_tokens
 from analyses.results.boundary import Boundary
 from analyses.results.characterize import HeadScores
 from analyses.results.patching import PatchingResult
-from analyses.machinery.settings import PatchSettings
 from analyses.tasks.sources import Dataset, near_misses_of
 from probes.errors import input_error
 from probes.patching import (
@@ -56,7 +58,7 @@ from probes.patching import (
     patched_generate,
 )
 
-__all__ = ["PatchingResult", "PatchSettings", "patch_run", "corrupt_prompt"]
+__all__ = ["PatchingResult", "compute", "corrupt_prompt"]
 
 GENERATED = ("p_at_1", "recall")
 
@@ -138,25 +140,19 @@ def _phase_positions(trace, tau: int) -> dict[str, list[int]]:
     return {"all": list(range(n)), "phase1": list(range(cot_start, tau)), "phase2": list(range(tau, cot_end))}
 
 
-def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), progress: bool = True, model=None, model_path: str | Path | None = None, template=None) -> PatchingResult:
+def compute(ctx: StageContext) -> PatchingResult:
     """Every head's causal effect on the run's test traces and the scores' agreement with it.
 
-    Args:
-        run_dir: a run with traces, boundary and (dev) head scores.
-        settings: :class:`~analyses.machinery.settings.PatchSettings`.
-        model: a loaded bridge to reuse; model_path, template: the run's (read from its manifest when None).
+    Reads a run with traces, boundary and (dev) head scores, with the run's model and prompt
+    template. ``ctx.settings``: :class:`~analyses.machinery.settings.PatchSettings`; ``ctx.model``: a
+    loaded bridge to reuse.
     """
     from tqdm.auto import tqdm
 
     from probes.models import load_hf_model, load_model
 
-    run_dir = Path(run_dir)
-    if model_path is None or template is None:
-        from analyses.methods.prompts import run_template
-
-        manifest = Manifest(run_dir)
-        model_path = model_path or manifest.model_path()
-        template = template or run_template(manifest)
+    run_dir, settings, progress, model = Path(ctx.run_dir), ctx.settings, ctx.progress, ctx.model
+    model_path, template = ctx.model_path, run_template(ctx.manifest)
     # Heads are ranked on dev traces only: ranking on the test traces they are patched on would make
     # "do the scores find the causal heads?" circular, so there is no fallback to them.
     dev_scores_path = run_dir / "dev_head_scores.parquet"
@@ -445,3 +441,6 @@ def patch_run(run_dir: str | Path, settings: PatchSettings = PatchSettings(), pr
         "causal_map_for_correlations": causal,
     }
     return PatchingResult(frame, meta)
+
+
+register_stage(Stage("patch", "patch", ("boundary.parquet", "head_scores.parquet"), ("patching.parquet",), compute, "every head's causal effect and the scores' agreement with it"))

@@ -1,4 +1,7 @@
-"""The ``capture`` stage (``ctd capture --run DIR``): replay a run's traces into its activation store."""
+"""The ``capture`` stage (``ctd capture --run DIR``): replay a run's traces into its activation store.
+
+Which tokens of a trace are replayed is :mod:`analyses.methods.replay`; the store and the hooks are
+:mod:`probes.capture` and :mod:`probes.store`."""
 
 from __future__ import annotations
 
@@ -8,29 +11,28 @@ from pathlib import Path
 import pandas as pd
 
 from analyses.machinery.io import read_parquet
-from analyses.machinery.settings import CaptureSettings
+from analyses.machinery.protocol import Stage, StageContext, register_stage
 from analyses.methods.parsing import Region
 from analyses.methods.replay import capture_requests
 from probes.capture import CaptureConfig, capture
 from probes.distributed import rank_and_world
 from probes.points import resolve_points
 
-__all__ = ["capture_traces"]
+__all__ = ["compute"]
 
 
-def capture_traces(run_dir: str | Path, model_path: str | Path, settings: CaptureSettings = CaptureSettings(), progress: bool = True, model=None, record: dict | None = None) -> Path:
+def compute(ctx: StageContext) -> None:
     """Replay the run's traces (``traces.parquet`` and, when present, ``dev_traces.parquet``) with
-    ``model_path``'s model into one store; resumable (finished shards are kept). Writes no manifest.
+    the run's model into one store under ``activations/``; resumable (finished shards are kept).
 
-    Args:
-        settings: :class:`~analyses.machinery.settings.CaptureSettings` (points, positions, attention layers, ...).
-        model: a loaded bridge to reuse (else it is loaded, with ``settings.device_map``).
-        record: counts and the loaded model's description are added here for the stage record.
+    ``ctx.settings``: :class:`~analyses.machinery.settings.CaptureSettings` (points, positions,
+    attention layers, ...); ``ctx.model``: a loaded bridge to reuse (else the run's model is loaded,
+    with ``settings.device_map``). Counts go into the stage record, and the loaded model's
+    description into the run's ``model`` facts.
     """
     from probes.models import load_model
 
-    run_dir = Path(run_dir)
-    record = {} if record is None else record
+    run_dir, model_path, settings, progress, model, record = Path(ctx.run_dir), ctx.model_path, ctx.settings, ctx.progress, ctx.model, ctx.record
     columns = ("doc_id", "prompt_ids", "output_ids", "regions", "cot_start", "cot_end")
     traces = read_parquet(run_dir / "traces.parquet", required=columns)
     dev_path = run_dir / "dev_traces.parquet"
@@ -49,9 +51,12 @@ def capture_traces(run_dir: str | Path, model_path: str | Path, settings: Captur
     if getattr(bridge, "ctd_info", None) is not None:  # what was loaded: family, architecture, sizes
         from dataclasses import asdict
 
-        record["model_info"] = asdict(bridge.ctd_info)
+        ctx.facts["model"] = {**ctx.manifest.data.get("model", {}), **asdict(bridge.ctd_info)}
     record["counts"] = {"traces": len(requests), "tokens": int(sum(len(r.positions) for r in requests))}
     record["processes"] = rank_and_world()[1]
     if rank_and_world()[0] == 0:
         print(f"[capture] {len(requests)} traces, {sum(len(r.positions) for r in requests):,} tokens -> {root}", file=sys.stderr)
-    return root
+    return None  # the store is written; nothing for the runner to save
+
+
+register_stage(Stage("capture", "capture", ("traces.parquet",), ("activations/",), compute, "replay the traces into the activation store"))

@@ -1,4 +1,5 @@
-"""``ctd characterize --run DIR``: dynamics, phase boundary, head scores, attribution, probes, logit lens.
+"""The ``characterize`` stage (``ctd characterize --run DIR``): dynamics, phase boundary, head
+scores, attribution, probes, logit lens.
 
 Reads ``traces.parquet``, ``docs.parquet``, ``labels.parquet`` and the activation store of a run and
 writes ``dynamics``, ``boundary``, ``head_scores``, ``attribution``, ``probes`` and ``lens`` parquet
@@ -8,6 +9,7 @@ files. Every choice the definitions leave open is written into each result's met
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -17,6 +19,7 @@ import pandas as pd
 from analyses.methods.boundary import estimate_boundaries, fit_constant_share, fit_phase_probe, fit_token_phase_table, tune_internal
 from analyses.methods.dynamics import GRID, compute_dynamics
 from analyses.machinery.io import read_parquet
+from analyses.machinery.protocol import Stage, StageContext, register_stage
 from analyses.machinery.settings import CharacterizeSettings
 from analyses.methods.parsing import Region
 from analyses.results.base import FrameResult
@@ -30,7 +33,7 @@ from probes.linear import ProbeProblem, fit_probe_bank, split_by_document
 from probes.points import hook_name, reduction_name
 from probes.store import open_store
 
-__all__ = ["HeadScores", "Attribution", "ProbeResults", "LensResult", "characterize", "tune_boundary_run", "compute_probes", "probe_table", "probe_examples", "token_identity_predict", "control_labels", "PROBE_TARGETS"]
+__all__ = ["HeadScores", "Attribution", "ProbeResults", "LensResult", "compute", "tune_boundary_run", "compute_probes", "probe_table", "probe_examples", "token_identity_predict", "control_labels", "PROBE_TARGETS"]
 
 N_TIME_BINS = 10
 REGION_NAMES = {int(r): r.name.lower() for r in Region}
@@ -421,28 +424,18 @@ def _usable_traces(path: Path) -> pd.DataFrame:
     return traces[traces["cot_end"] - traces["cot_start"] >= 8].reset_index(drop=True)  # too short to split
 
 
-def characterize(
-    run_dir: str | Path,
-    model_path: str | Path,
-    settings: CharacterizeSettings = CharacterizeSettings(),
-    progress: bool = True,
-    model=None,
-    record: dict | None = None,
-) -> dict[str, FrameResult]:
-    """Every characterisation result of a run, by file stem (nothing is written here).
+def compute(ctx: StageContext) -> dict[str, FrameResult]:
+    """Every characterisation result of a run, by file stem (the runner saves them).
 
-    Args:
-        run_dir: a run with ``traces.parquet`` and its activation store (``dev_traces.parquet``,
-            when present, fits the ``constant`` boundary estimator and the internal one's probe).
-        settings: bootstrap draws, seed, and the internal estimator's choices (made on dev traces
-            by ``ctd characterize --tune-boundary``).
-        model: a loaded bridge to reuse.
-        record: timings and boundary errors are added here for the stage record.
+    Reads ``traces.parquet`` and the run's activation store (``dev_traces.parquet``, when present,
+    fits the ``constant`` boundary estimator and the internal one's probe). ``ctx.settings``:
+    bootstrap draws, seed, and the internal estimator's choices (made on dev traces by ``ctd
+    characterize --tune-boundary``); ``ctx.model``: a loaded bridge to reuse. Timings and boundary
+    errors go into the stage record.
     """
     from probes.models import load_model
 
-    run_dir = Path(run_dir)
-    record = {} if record is None else record
+    run_dir, model_path, settings, progress, model, record = Path(ctx.run_dir), ctx.model_path, ctx.settings, ctx.progress, ctx.model, ctx.record
     n_boot, seed, internal = settings.n_boot, settings.seed, settings.internal
     dataset = Dataset.load(run_dir)
     traces = _usable_traces(run_dir / "traces.parquet")
@@ -507,6 +500,8 @@ def characterize(
     timings["lens"] = time.perf_counter() - t0
     record["timings"] = {k: round(v, 2) for k, v in timings.items()}
     record["boundary_errors"] = results["boundary"].errors(n_boot=n_boot, seed=seed).to_dict(orient="records")
+    if progress:
+        print(f"[characterize] {', '.join(f'{s}.parquet' for s in results)} -> {run_dir}", file=sys.stderr)
     return results
 
 
@@ -555,3 +550,6 @@ def tune_boundary_run(run_dir: str | Path, progress: bool = True, model=None, se
     }
     write_parquet(table, run_dir / "boundary_tuning.parquet", metadata={"ctd_meta": json.dumps(meta)})
     return table
+
+
+register_stage(Stage("characterize", "characterize", ("traces.parquet", "activations/"), ("dynamics.parquet", "boundary.parquet", "head_scores.parquet", "dev_head_scores.parquet?", "attribution.parquet", "probes.parquet", "lens.parquet"), compute, "dynamics, boundary, head scores, attribution, probes, logit lens"))
