@@ -40,7 +40,7 @@ STAGES = stage_names()  # the stages of `ctd run`, in order
 
 
 def ctd(run_dir: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "analyses.cli", "run", "--quick", "--out", str(run_dir), *extra]
+    cmd = [sys.executable, "-m", "analyses.interface.cli", "run", "--quick", "--out", str(run_dir), *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

@@ -95,7 +95,7 @@ def organism_run(tmp_path_factory, organism_path):
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory, organism_path):
     """`ctd run --quick` end to end, once per session (the notebooks read the same run)."""
-    from analyses.cli import main
+    from analyses.interface.cli import main
 
     run = tmp_path_factory.mktemp("quick") / "run"
     # scripts/mutants.py stops it after the stage its tests read (CTD_QUICK_RUN_UNTIL=patch)

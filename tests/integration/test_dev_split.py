@@ -6,7 +6,7 @@ import shutil
 import pandas as pd
 import pytest
 
-from analyses.cli import main
+from analyses.interface.cli import main
 from analyses.results.report import causal_findings
 from analyses.results import PatchingResult
 from analyses.stages.traces import dev_documents

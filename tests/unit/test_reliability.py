@@ -151,7 +151,7 @@ def test_a_stage_that_dies_is_never_marked_complete(tmp_path):
 
 
 def test_pipeline_refuses_an_edited_earlier_output(tmp_path, monkeypatch, capsys):
-    from analyses.cli import main
+    from analyses.interface.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--out", "results/r", "--until", "data", "--opt", "n_docs=12"]) == 0

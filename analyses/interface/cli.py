@@ -97,7 +97,7 @@ def _run_stage(name: str, run_dir, config) -> object:
 
 
 def _cmd_data_show(args) -> int:
-    from analyses.summary import dataset_summary
+    from analyses.interface.summary import dataset_summary
     from analyses.tasks.sources import load_dataset
 
     options = _dataset_options(args)
