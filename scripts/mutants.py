@@ -7,6 +7,7 @@ guarantee is not really tested. The working tree is never modified.
 
     python scripts/mutants.py            # every mutant (about 10 min on 2 CPU cores)
     python scripts/mutants.py --list     # the table
+    python scripts/mutants.py --check    # each edit still applies and its tests exist (runs no test)
     python scripts/mutants.py --only window_query_identity lock_takes_incomplete
     python scripts/mutants.py --clean    # first check that the guarding tests pass unmutated
 
@@ -290,6 +291,22 @@ def _apply(copy: Path, mutant: Mutant) -> None:
     path.write_text(text.replace(mutant.old, mutant.new))
 
 
+def _check(mutant: Mutant) -> list[str]:
+    """What keeps ``mutant`` from running as written: its snippet not found exactly once in its file,
+    or a guarding test that is not defined (read from the source; nothing is imported or run)."""
+    problems = []
+    path = ROOT / mutant.path
+    count = path.read_text().count(mutant.old) if path.is_file() else None
+    if count != 1:
+        problems.append(f"{mutant.path}: {'no such file' if count is None else f'its snippet occurs {count} times (expected once)'}")
+    for test in mutant.tests:
+        file, _, name = test.partition("::")
+        source = ROOT / file
+        if not source.is_file() or f"def {name}(" not in source.read_text():
+            problems.append(f"{test}: no such test")
+    return problems
+
+
 def _run_tests(copy: Path, tests: tuple[str, ...], extra_env: tuple[tuple[str, str], ...] = ()) -> tuple[int, str]:
     # The copy's packages come first on the path (ahead of the editable install of the real tree),
     # also for subprocesses the tests start.
@@ -304,12 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the table and exit")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
     parser.add_argument("--clean", action="store_true", help="first check that every guarding test passes on the unmutated tree")
+    parser.add_argument("--check", action="store_true", help="check that each edit applies and its tests exist, run nothing, and exit")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
     unknown = set(args.only or ()) - {m.name for m in MUTANTS}
     if unknown:
         print(f"unknown mutants: {sorted(unknown)}; see --list", file=sys.stderr)
         return 2
+    if args.check:
+        problems = [f"{m.name}: {p}" for m in chosen for p in _check(m)]
+        print("\n".join(problems) if problems else f"{len(chosen)} mutants: every edit applies once and every guarding test exists")
+        return 1 if problems else 0
     if args.list:
         for m in chosen:
             print(f"{m.name}: {m.guarantee} ({m.path}) -> {', '.join(t.split('::')[-1] for t in m.tests)}")
