@@ -57,7 +57,7 @@ def _load(run: Path, n: int):
 
 
 def method_capture(run: Path, n: int, batch_size: int, model_path: str) -> dict:
-    from analyses.capture_stage import capture_requests
+    from analyses.methods.replay import capture_requests
     from probes.capture import CaptureConfig, capture
     from probes.points import resolve_points
 
@@ -187,7 +187,7 @@ def ensure_traces(args) -> None:
         return
     from dataclasses import replace
 
-    from analyses.settings import DataSettings, RunConfig
+    from analyses.machinery.settings import DataSettings, RunConfig
     from analyses.stages import run as run_stage
 
     n_docs = max(2 * args.n_traces, 64)
@@ -206,7 +206,7 @@ def main():
     parser.add_argument("--child")
     args = parser.parse_args()
     if args.model is None:
-        from analyses.organism import default_organism_path
+        from analyses.models.organism import default_organism_path
 
         args.model = str(default_organism_path())
     if args.child:

@@ -14,7 +14,7 @@ mkdir -p "$OUT_DIR"
 "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'bench/gpu.sh: no CUDA device here (BENCHMARKS.md says which numbers need one)')"
 RUN=${1:-$OUT_DIR/quick-run}
 if [ ! -f "$RUN/manifest.json" ]; then
-  "$PY" -m analyses.cli run --quick --out "$RUN" --until characterize
+  "$PY" -m analyses.interface.cli run --quick --out "$RUN" --until characterize
 fi
 start=$(date +%s)
 "$PY" bench/probes.py --device cuda --out "$OUT_DIR/probes_synthetic.json"

@@ -38,8 +38,9 @@ def main() -> None:
     import torch
     from scipy.stats import spearmanr
 
-    from analyses.io import Manifest
-    from analyses.patch import READOUTS, _anchor_tokens, answer_readouts, corrupt_prompt
+    from analyses.machinery.io import Manifest
+    from analyses.methods.readouts import READOUTS, answer_readouts
+    from analyses.stages.patch import _anchor_tokens, corrupt_prompt
     from analyses.tasks.sources import Dataset, near_misses_of
     from probes.models import load_model
     from probes.patching import PatchInputs, TokenReadout, attribution_patching, head_sweep, normalised_effect

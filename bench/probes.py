@@ -39,8 +39,8 @@ def synthetic(layers=4, buckets=5, n=2000, d=256, seed=0):
 def from_run(run: Path, target: str):
     import pandas as pd
 
-    from analyses.characterize import probe_examples
-    from analyses.io import read_parquet
+    from analyses.stages.characterize import probe_examples
+    from analyses.machinery.io import read_parquet
     from analyses.tasks.sources import Dataset
     from probes.points import point_of_hook
     from probes.store import open_store

@@ -24,7 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analyses.retrieval import ApproximateIndex, ExactIndex, recall_at_k  # noqa: E402
+from analyses.methods.retrieval import ApproximateIndex, ExactIndex, recall_at_k  # noqa: E402
 
 
 def measure(name: str, vectors: np.ndarray, queries: np.ndarray, expansion_search: list[int], k: int = 100) -> list[dict]:
@@ -65,7 +65,7 @@ def icd_label_vectors(cache: Path, texts: list[str]) -> tuple[np.ndarray, float]
 
     from safetensors.numpy import load_file, save_file
 
-    from analyses.embed import embed_texts
+    from analyses.methods.embed import embed_texts
 
     key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
     path = cache / f"icd10cm-minilm-{key}.safetensors"
@@ -99,7 +99,7 @@ def main():
     args = parser.parse_args()
     results = []
     if not args.skip_icd:
-        from analyses.embed import embed_texts
+        from analyses.methods.embed import embed_texts
         from analyses.tasks.icd10 import icd10cm_labels
         from analyses.tasks.notes import NoteConfig, NoteGenerator
 

@@ -116,7 +116,7 @@ def build(folder: Path, shape: dict, dtype: str) -> Path:
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from analyses.organism import default_organism_path
+    from analyses.models.organism import default_organism_path
     from probes.models import load_tokenizer
 
     if (folder / "config.json").exists():
@@ -213,8 +213,8 @@ def child(method: str, folder: Path, length: int, device: str, dtype: str, work:
         else:
             import pandas as pd
 
-            from analyses.boundary import internal_signal
-            from analyses.characterize import compute_attribution
+            from analyses.methods.boundary import internal_signal
+            from analyses.stages.characterize import compute_attribution
             from probes.store import open_store
 
             store = open_store(store_root)

@@ -33,12 +33,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from analyses.io import file_sha256, output_files  # noqa: E402
-from analyses.pipeline import STAGES  # noqa: E402
+from analyses.machinery.io import file_sha256, output_files  # noqa: E402
+from analyses.stages import stage_names  # noqa: E402
+
+STAGES = stage_names()  # the stages of `ctd run`, in order
 
 
 def ctd(run_dir: Path, *extra: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "analyses.cli", "run", "--quick", "--out", str(run_dir), *extra]
+    cmd = [sys.executable, "-m", "analyses.interface.cli", "run", "--quick", "--out", str(run_dir), *extra]
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 

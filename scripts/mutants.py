@@ -7,6 +7,7 @@ guarantee is not really tested. The working tree is never modified.
 
     python scripts/mutants.py            # every mutant (about 10 min on 2 CPU cores)
     python scripts/mutants.py --list     # the table
+    python scripts/mutants.py --check    # each edit still applies and its tests exist (runs no test)
     python scripts/mutants.py --only window_query_identity lock_takes_incomplete
     python scripts/mutants.py --clean    # first check that the guarding tests pass unmutated
 
@@ -78,7 +79,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "control_task_per_row",
         "the control task fixes one random label per token type (Hewitt & Liang)",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "control_labels(tokens[:, 0], float(train_y.mean()), seed)",
         "control_labels(np.arange(len(tokens)), float(train_y.mean()), seed)",
         ("tests/unit/test_probe_baselines.py::test_control_task_is_memorisable_when_features_carry_the_token_type",),
@@ -86,7 +87,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "selectivity_ci_nan",
         "probe selectivity carries its paired bootstrap CI",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         '"selectivity_ci_low": sel_lo, "selectivity_ci_high": sel_hi',
         '"selectivity_ci_low": np.nan, "selectivity_ci_high": np.nan',
         ("tests/unit/test_probe_baselines.py::test_selectivity_ci_is_the_paired_document_bootstrap",),
@@ -94,7 +95,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "control_rate_reads_test_rows",
         "the control task's positive rate comes from training rows only",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "float(train_y.mean())",
         "float(labels.mean())",
         ("tests/unit/test_probe_baselines.py::test_control_rate_comes_from_training_rows",),
@@ -102,7 +103,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "anchor_direction_attached",
         "the anchor direction is detached: L_write never moves the unembedding",
-        "analyses/distill/losses.py",
+        "analyses/methods/distillation/losses.py",
         "a_dir = w_u[e.anchors].mean(0).detach().float()",
         "a_dir = w_u[e.anchors].mean(0).float()",
         ("tests/integration/test_distill.py::test_l_write_reaches_exactly_the_head_and_the_stream_it_reads",),
@@ -110,7 +111,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "write_reads_another_heads_columns",
         "a head's write is its own slice of the output projection",
-        "analyses/distill/losses.py",
+        "analyses/methods/distillation/losses.py",
         "w = attn.o_proj.weight[:, head * d_head : (head + 1) * d_head]",
         "w = attn.o_proj.weight[:, :d_head]",
         ("tests/integration/test_distill.py::test_l_write_reaches_exactly_the_head_and_the_stream_it_reads",),
@@ -118,7 +119,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lock_takes_over_an_incomplete_lock",
         "a run lock is never taken from a live owner (an unreadable lock is refused, not removed)",
-        "analyses/io.py",
+        "analyses/machinery/io.py",
         '                raise input_error(self.path, "the run lock is empty or unreadable", "delete the lock file if no ctd process is running")',
         "                self.path.unlink(missing_ok=True)\n                continue",
         ("tests/unit/test_run_lock.py::test_an_empty_lock_is_refused_not_taken_over",),
@@ -126,7 +127,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lock_stale_takeover_without_recheck",
         "two processes that find the same stale lock never both hold it",
-        "analyses/io.py",
+        "analyses/machinery/io.py",
         "            if current == info:\n                self.path.unlink(missing_ok=True)",
         "            self.path.unlink(missing_ok=True)",
         ("tests/unit/test_run_lock.py::test_a_stale_lock_taken_over_meanwhile_by_another_process_is_kept", "tests/unit/test_run_lock.py::test_one_of_two_processes_takes_a_stale_lock_over"),
@@ -134,7 +135,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lock_created_empty_then_written",
         "the lock file appears with its owner's record complete",
-        "analyses/io.py",
+        "analyses/machinery/io.py",
         "                os.link(tmp, self.path)",
         "                raise PermissionError(1, 'no links')",
         ("tests/unit/test_run_lock.py::test_the_lock_appears_with_its_record_complete",),
@@ -142,7 +143,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "boundary_tuning_reads_test_traces",
         "--tune-boundary chooses its settings on dev traces only",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "    traces = _usable_traces(dev_path)\n    missing = sorted(",
         '    traces = pd.concat([_usable_traces(dev_path), _usable_traces(run_dir / "traces.parquet")], ignore_index=True)\n    missing = sorted(',
         ("tests/integration/test_characterize_organism.py::test_boundary_tuning_reads_dev_traces_only",),
@@ -158,15 +159,15 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "no_dev_traces_outside_the_organism",
         "ctd run draws dev traces for every model",
-        "analyses/traces.py",
-        'return 100 if _template_for(Path(model_dir), template_name).family == "organism" else 50',
-        'return 100 if _template_for(Path(model_dir), template_name).family == "organism" else 0',
+        "analyses/stages/traces.py",
+        'return 100 if template_for(Path(model_dir), template_name).family == "organism" else 50',
+        'return 100 if template_for(Path(model_dir), template_name).family == "organism" else 0',
         ("tests/integration/test_dev_split.py::test_ctd_run_on_another_family_writes_dev_traces",),
     ),
     Mutant(
         "report_hard_codes_the_dev_split",
         "the report's ranking sentence follows the patching table's own record",
-        "analyses/report.py",
+        "analyses/results/report.py",
         "        ranked_on, measured_on = ranking_splits(patching.meta)\n",
         '        ranked_on, measured_on = "dev traces", "test traces"\n',
         ("tests/integration/test_dev_split.py::test_the_report_names_the_traces_heads_were_ranked_on",),
@@ -175,7 +176,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "patch_ranks_on_test_traces",
         "the patch stage never ranks heads on the test traces it measures",
-        "analyses/patch.py",
+        "analyses/stages/patch.py",
         "    if not dev_scores_path.exists():\n        raise input_error(",
         '    if not dev_scores_path.exists():\n        dev_scores_path = run_dir / "head_scores.parquet"\n    if False:\n        raise input_error(',
         ("tests/integration/test_dev_split.py::test_the_report_names_the_traces_heads_were_ranked_on",),
@@ -184,7 +185,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "all_heads_set_misses_a_head",
         "patching.parquet: patching every head recovers the whole gap",
-        "analyses/patch.py",
+        "analyses/stages/patch.py",
         "head_set_effects(bridge, inputs, readouts, [heads_all], positions",
         "head_set_effects(bridge, inputs, readouts, [heads_all[1:]], positions",
         ("tests/integration/test_patch_stage.py::test_patching_every_head_recovers_the_whole_gap_in_the_stored_table",),
@@ -193,7 +194,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "agreement_not_from_the_two_maps",
         "patching.parquet: the stored attribution-vs-sweep agreement is the Spearman of the two maps",
-        "analyses/patch.py",
+        "analyses/stages/patch.py",
         '"value": _spearman(attr, point), "ci_low": lo',
         '"value": _spearman(point, point), "ci_low": lo',
         ("tests/integration/test_patch_stage.py::test_attribution_agrees_with_the_sweep_as_stored",),
@@ -202,7 +203,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "dev_scores_computed_on_test_traces",
         "the ranking later stages act on is computed on dev traces",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "dev_scores = compute_head_scores(store, bridge, dev, dataset.docs, dataset.labels, dev_tau, n_boot, seed)",
         "dev_scores = compute_head_scores(store, bridge, traces, dataset.docs, dataset.labels, internal_tau, n_boot, seed)",
         ("tests/integration/test_characterize_organism.py::test_dev_head_scores_come_from_dev_traces",),
@@ -210,7 +211,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "patch_ranks_with_the_test_scores",
         "the patch stage ranks heads with the dev scores it records",
-        "analyses/patch.py",
+        "analyses/stages/patch.py",
         '    scores, ranked_on = dev_scores.frame, dev_scores.meta.get("traces") or "dev traces"',
         '    scores, ranked_on = HeadScores.load(run_dir / "head_scores.parquet").frame, dev_scores.meta.get("traces") or "dev traces"',
         ("tests/integration/test_dev_split.py::test_patching_ranks_heads_with_the_dev_scores_it_records",),
@@ -219,7 +220,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "control_task_keyed_on_previous_token",
         "the control task's label is fixed per current token type",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "control_labels(tokens[:, 0], float(train_y.mean()), seed)",
         "control_labels(tokens[:, 1], float(train_y.mean()), seed)",
         ("tests/unit/test_probe_baselines.py::test_control_task_is_memorisable_when_features_carry_the_token_type",),
@@ -227,7 +228,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "control_bank_fitted_on_every_row",
         "the control task is fitted on the training documents only",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "control_fit = fit_probe_bank(controls, train_masks)",
         "control_fit = fit_probe_bank(controls, [np.ones_like(m) for m in train_masks])",
         ("tests/unit/test_probe_baselines.py::test_every_baseline_is_fitted_on_the_training_documents_only",),
@@ -235,7 +236,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "token_baseline_reads_held_out_labels",
         "the token-identity baseline learns from training rows only",
-        "analyses/characterize.py",
+        "analyses/stages/characterize.py",
         "token_identity_predict(tokens[~test], p.labels[~test], tokens[test])",
         "token_identity_predict(tokens, p.labels, tokens[test])",
         ("tests/unit/test_probe_baselines.py::test_token_baseline_reads_training_labels_not_held_out_ones",),
@@ -243,7 +244,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lock_ignores_the_owners_host",
         "a lock owned on another machine is never taken over",
-        "analyses/io.py",
+        "analyses/machinery/io.py",
         "        if info.get(\"host\") != platform.node():\n            return True  # another machine: cannot tell, so respect it\n",
         "",
         ("tests/unit/test_run_lock.py::test_an_owner_on_another_host_is_respected_whatever_its_pid",),
@@ -251,7 +252,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "lock_takes_an_owner_it_may_not_signal",
         "a live owner under another user is respected",
-        "analyses/io.py",
+        "analyses/machinery/io.py",
         "        except PermissionError:\n            return True",
         "        except PermissionError:\n            return False",
         ("tests/unit/test_run_lock.py::test_an_owner_we_may_not_signal_is_alive",),
@@ -259,7 +260,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant(
         "attribution_from_the_wrong_baseline",
         "patching.parquet: attribution estimates are in the sweep's units (patched from the right run)",
-        "analyses/patch.py",
+        "analyses/stages/patch.py",
         'base = runs.corrupt[r] if mode == "denoise" else runs.clean[r]',
         'base = runs.clean[r] if mode == "denoise" else runs.corrupt[r]',
         ("tests/integration/test_patch_stage.py::test_attribution_agrees_with_the_sweep_as_stored",),
@@ -290,6 +291,22 @@ def _apply(copy: Path, mutant: Mutant) -> None:
     path.write_text(text.replace(mutant.old, mutant.new))
 
 
+def _check(mutant: Mutant) -> list[str]:
+    """What keeps ``mutant`` from running as written: its snippet not found exactly once in its file,
+    or a guarding test that is not defined (read from the source; nothing is imported or run)."""
+    problems = []
+    path = ROOT / mutant.path
+    count = path.read_text().count(mutant.old) if path.is_file() else None
+    if count != 1:
+        problems.append(f"{mutant.path}: {'no such file' if count is None else f'its snippet occurs {count} times (expected once)'}")
+    for test in mutant.tests:
+        file, _, name = test.partition("::")
+        source = ROOT / file
+        if not source.is_file() or f"def {name}(" not in source.read_text():
+            problems.append(f"{test}: no such test")
+    return problems
+
+
 def _run_tests(copy: Path, tests: tuple[str, ...], extra_env: tuple[tuple[str, str], ...] = ()) -> tuple[int, str]:
     # The copy's packages come first on the path (ahead of the editable install of the real tree),
     # also for subprocesses the tests start.
@@ -304,12 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the table and exit")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these mutants")
     parser.add_argument("--clean", action="store_true", help="first check that every guarding test passes on the unmutated tree")
+    parser.add_argument("--check", action="store_true", help="check that each edit applies and its tests exist, run nothing, and exit")
     args = parser.parse_args(argv)
     chosen = [m for m in MUTANTS if not args.only or m.name in args.only]
     unknown = set(args.only or ()) - {m.name for m in MUTANTS}
     if unknown:
         print(f"unknown mutants: {sorted(unknown)}; see --list", file=sys.stderr)
         return 2
+    if args.check:
+        problems = [f"{m.name}: {p}" for m in chosen for p in _check(m)]
+        print("\n".join(problems) if problems else f"{len(chosen)} mutants: every edit applies once and every guarding test exists")
+        return 1 if problems else 0
     if args.list:
         for m in chosen:
             print(f"{m.name}: {m.guarantee} ({m.path}) -> {', '.join(t.split('::')[-1] for t in m.tests)}")

@@ -27,7 +27,7 @@ def heart_notes(heart_labels):
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(heart_labels, heart_notes):
-    from analyses.organism import build_corpus, train_tokenizer
+    from analyses.models.organism import build_corpus, train_tokenizer
 
     corpus = build_corpus(heart_notes, heart_labels)
     return train_tokenizer(list(corpus["prompt"] + corpus["trace"]) + heart_labels.texts, vocab_size=600)
@@ -60,7 +60,7 @@ def family_models(tmp_path_factory, tiny_models, tiny_tokenizer):
 
 @pytest.fixture(scope="session")
 def organism_path():
-    from analyses.organism import default_organism_path
+    from analyses.models.organism import default_organism_path
 
     path = default_organism_path()
     assert (path / "config.json").exists(), "the shipped organism is missing: restore analyses/assets/organism"
@@ -80,7 +80,7 @@ def organism_run(tmp_path_factory, organism_path):
     """A full run on the organism: 60 held-out notes (and its 60 dev notes), traces, capture and characterize."""
     from dataclasses import replace
 
-    from analyses.settings import DataSettings, RunConfig
+    from analyses.machinery.settings import DataSettings, RunConfig
     from analyses.stages import run as run_stage
 
     run = tmp_path_factory.mktemp("organism_run")
@@ -95,7 +95,7 @@ def organism_run(tmp_path_factory, organism_path):
 @pytest.fixture(scope="session")
 def quick_run(tmp_path_factory, organism_path):
     """`ctd run --quick` end to end, once per session (the notebooks read the same run)."""
-    from analyses.cli import main
+    from analyses.interface.cli import main
 
     run = tmp_path_factory.mktemp("quick") / "run"
     # scripts/mutants.py stops it after the stage its tests read (CTD_QUICK_RUN_UNTIL=patch)

@@ -3,6 +3,9 @@
 Each result is a ``FrameResult``: a table plus the choices behind it, saved to parquet (with its
 metadata) and drawn by ``.figure()``. Importing this package loads pandas and plotly, never torch:
 a notebook or the report draws from a run's files without the models.
+
+Beside the result types: :mod:`.theme` (the one figure theme), :mod:`.report` (a run's figures
+and ``report.html``) and :mod:`.run` (``open_run``: every result of a run directory, for notebooks).
 """
 
 from analyses.results.base import FrameResult

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import pandas as pd
 
-from analyses.io import read_parquet, write_parquet
+from analyses.machinery.io import read_parquet, write_parquet
 from probes.errors import input_error
 
 __all__ = ["FrameResult"]

@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analyses.figures import ESTIMATOR_COLOURS, themed
+from analyses.results.theme import ESTIMATOR_COLOURS, themed
 from analyses.results.base import FrameResult
 from analyses.tasks.metrics import bootstrap_ci
 

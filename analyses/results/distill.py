@@ -7,7 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analyses.figures import PALETTE, themed
+from analyses.results.theme import PALETTE, themed
 from analyses.results.base import FrameResult
 
 __all__ = ["DistillResult", "CONDITION_COLOURS"]

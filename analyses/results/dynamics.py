@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
-from analyses.figures import ESTIMATOR_COLOURS, PALETTE, themed
+from analyses.results.theme import ESTIMATOR_COLOURS, PALETTE, themed
 from analyses.results.base import FrameResult
 from analyses.tasks.metrics import bootstrap_ci
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from analyses.figures import PALETTE, themed
+from analyses.results.theme import PALETTE, themed
 from analyses.results.base import FrameResult
 
 __all__ = ["IsolationResult"]

@@ -153,14 +153,14 @@ class LabelSpace:
 
     def save(self, path: str | Path) -> Path:
         """Write ``labels.parquet`` (atomically) with the space's name in the file's metadata."""
-        from analyses.io import write_parquet
+        from analyses.machinery.io import write_parquet
 
         return write_parquet(self.to_frame(), path, metadata={"ctd_label_space": json.dumps({"name": self.name})})
 
     @classmethod
     def load(cls, path: str | Path) -> "LabelSpace":
         """Read a ``labels.parquet`` written by :meth:`save` (or any file with the same columns)."""
-        from analyses.io import read_parquet
+        from analyses.machinery.io import read_parquet
 
         path = Path(path)
         frame, metadata = read_parquet(path, required=("label_id", "code", "text", "parent"), with_metadata=True)

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from analyses.io import read_parquet, write_json, write_parquet
+from analyses.machinery.io import read_parquet, write_json, write_parquet
 from analyses.tasks.labels import LabelSpace
 from probes.errors import input_error
 
@@ -108,7 +108,7 @@ class Dataset:
         info = json.loads(meta.get("ctd_dataset", "{}"))
         filters = {}
         if (run_dir / "filters.json").exists():
-            from analyses.io import read_json
+            from analyses.machinery.io import read_json
 
             filters = {k: np.asarray(v, dtype=np.int64).reshape(-1, 2) for k, v in read_json(run_dir / "filters.json").items()}
         return cls(name=info.pop("name", "unknown"), labels=labels, docs=docs, filters=filters, info=info)
@@ -260,7 +260,7 @@ def load_icd10cm(
 
     if path is not None:
         return Dataset.load(_require_dir(path, "icd10cm", "labels.parquet and docs.parquet"))
-    from analyses.config import DEFAULT_N_NOTES
+    from analyses.machinery.settings import DEFAULT_N_NOTES
 
     labels = icd10cm_labels(chapters=chapters, blocks=blocks, categories=categories)
     config = NoteConfig(n_docs=DEFAULT_N_NOTES if n_docs is None else n_docs, seed=seed, **note_options)

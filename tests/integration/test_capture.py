@@ -7,11 +7,11 @@ import pytest
 import scipy.stats
 import torch
 
-from analyses.capture_stage import capture_requests
+from analyses.methods.replay import capture_requests
 from analyses.stages import run as run_stage
-from analyses.io import write_json
-from analyses.parsing import Region
-from analyses.traces import GenerationConfig, generate_traces
+from analyses.machinery.io import write_json
+from analyses.methods.parsing import Region
+from analyses.models.generation import GenerationConfig, generate_traces
 from probes.capture import CaptureConfig, capture
 from probes.errors import CtdInputError
 from probes.models import load_hf_model, load_model

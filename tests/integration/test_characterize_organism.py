@@ -1,8 +1,8 @@
 import numpy as np
 import pandas as pd
 
-from analyses.boundary import Boundary
-from analyses.characterize import PROBE_TARGETS, bucket_names
+from analyses.methods.boundary import Boundary
+from analyses.stages.characterize import PROBE_TARGETS, bucket_names
 
 
 def test_internal_boundary_beats_the_fitted_constant(organism_run):
@@ -89,8 +89,8 @@ def test_boundary_tuning_reads_dev_traces_only(organism_run, tmp_path, monkeypat
 
     import pyarrow.parquet as pq
 
-    import analyses.io
-    from analyses.characterize import tune_boundary_run
+    import analyses.machinery.io
+    from analyses.stages.characterize import tune_boundary_run
     from probes.store import StoreReader
 
     run, _ = organism_run
@@ -102,7 +102,7 @@ def test_boundary_tuning_reads_dev_traces_only(organism_run, tmp_path, monkeypat
     tables, docs = [], []
     real_read_table, real_read = pq.read_table, StoreReader.read
     monkeypatch.setattr(pq, "read_table", lambda path, *a, **k: tables.append(str(path)) or real_read_table(path, *a, **k))
-    monkeypatch.setattr(analyses.io.pq, "read_table", pq.read_table)
+    monkeypatch.setattr(analyses.machinery.io.pq, "read_table", pq.read_table)
     monkeypatch.setattr(pd, "read_parquet", lambda path, *a, **k: tables.append(str(path)) or pq.read_table(path).to_pandas())
     monkeypatch.setattr(StoreReader, "read", lambda self, doc_id, point: docs.append(str(doc_id)) or real_read(self, doc_id, point))
     table = tune_boundary_run(copy, progress=False)

@@ -6,10 +6,10 @@ import shutil
 import pandas as pd
 import pytest
 
-from analyses.cli import main
-from analyses.report import causal_findings
+from analyses.interface.cli import main
+from analyses.results.report import causal_findings
 from analyses.results import PatchingResult
-from analyses.traces import dev_documents
+from analyses.stages.traces import dev_documents
 
 
 def test_ctd_run_on_another_family_writes_dev_traces(tiny_models, tmp_path, capsys):

@@ -3,11 +3,12 @@ import pandas as pd
 import pytest
 import torch
 
-from analyses.distill import CONDITIONS, attention_kl, build_examples, choose_training_notes, collate, forward_with_heads, holm, map_heads, mechanistic_loss, next_token_loss, train_student, write_alignment
-from analyses.distill.data import capture_teacher_rows, load_teacher_rows
-from analyses.distill.evaluation import paired_trajectory_distance
-from analyses.organism import build_corpus
-from analyses.parsing import TraceParser
+from analyses.methods.distillation import CONDITIONS, attention_kl, build_examples, choose_training_notes, collate, forward_with_heads, map_heads, mechanistic_loss, next_token_loss, train_student, write_alignment
+from analyses.stages.distill import holm
+from analyses.methods.distillation.data import capture_teacher_rows, load_teacher_rows
+from analyses.methods.distillation.evaluation import paired_trajectory_distance
+from analyses.models.organism import build_corpus
+from analyses.methods.parsing import TraceParser
 from probes.models import build_tiny_model, load_hf_model, load_model
 
 
@@ -96,7 +97,7 @@ def test_teacher_rows_from_the_store_equal_a_live_teacher_forward(setup, tiny_mo
 
 
 def _reachable(student, layer: int, head: int) -> dict[str, torch.Tensor]:
-    """Where L_write of student head (layer, head) may move the student (analyses/distill/losses.py):
+    """Where L_write of student head (layer, head) may move the student (analyses/methods/distillation/losses.py):
     the head's own output columns and query rows, its key/value group's rows and the layer's
     q/k norms and input norm, plus everything upstream of the layer (the stream the head reads).
     Nothing else: not the unembedding or final norm (the directions are detached), not later
@@ -130,7 +131,7 @@ def test_l_write_reaches_exactly_the_head_and_the_stream_it_reads(setup, tiny_to
     """The directions (anchor unembedding, margin gradient) are detached: L_write's gradient is
     non-zero on exactly the parameters :func:`_reachable` names, and on each of them."""
     examples, teacher_rows, base, _ = setup
-    from analyses.distill.training import load_student_base
+    from analyses.methods.distillation.training import load_student_base
 
     student = load_student_base(base)
     batch = examples[:4]
@@ -151,7 +152,7 @@ def test_l_write_reaches_exactly_the_head_and_the_stream_it_reads(setup, tiny_to
 
 def test_every_term_of_the_mechanistic_loss_is_on_and_finite(setup, tiny_tokenizer):
     examples, teacher_rows, base, _ = setup
-    from analyses.distill.training import load_student_base
+    from analyses.methods.distillation.training import load_student_base
 
     student = load_student_base(base)
     batch = examples[:4]

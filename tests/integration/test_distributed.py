@@ -18,13 +18,13 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "CTD_DIST_BACKEND": "gloo", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "analyses.cli", *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "analyses.interface.cli", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 def _single(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "analyses.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "analyses.interface.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.fixture(scope="module")

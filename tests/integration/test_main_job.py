@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from analyses.report import collect_figures, png_available
+from analyses.results.report import collect_figures, png_available
 
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 EXPECTED_FIGURES = {
@@ -46,7 +46,7 @@ def test_distillation_reports_paired_differences_with_cis(quick_run):
 
 
 def test_rerun_reuses_finished_stages(quick_run, capsys):
-    from analyses.cli import main
+    from analyses.interface.cli import main
 
     assert main(["run", "--quick", "--out", str(quick_run), "--until", "isolate"]) == 0
     err = capsys.readouterr().err
@@ -57,7 +57,7 @@ def test_rerun_reuses_finished_stages(quick_run, capsys):
 def test_stage_commands_record_themselves_like_ctd_run(quick_run, tmp_path, capsys):
     import shutil
 
-    from analyses.cli import main
+    from analyses.interface.cli import main
 
     run = tmp_path / "copy"
     shutil.copytree(quick_run, run)
@@ -86,7 +86,7 @@ def test_notebooks_execute(notebook, quick_run, monkeypatch):
 def test_the_readme_stage_sequence_runs_with_stage_defaults(organism_path, tmp_path, capsys):
     """README: `ctd traces`, `ctd capture --run R`, `ctd characterize --run R`, each with its
     defaults (fewer traces and draws here): what one stage writes by default is what the next reads."""
-    from analyses.cli import main
+    from analyses.interface.cli import main
 
     run = tmp_path / "r"
     assert main(["traces", "--out", str(run), "--n-docs", "10", "--n-dev-docs", "10"]) == 0

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from analyses.traces import GenerationConfig, generate_traces
+from analyses.models.generation import GenerationConfig, generate_traces
 from probes.errors import CtdInputError
 from probes.models import SUPPORTED_ARCHITECTURES, build_tiny_model, load_hf_model, load_model, load_tokenizer
 

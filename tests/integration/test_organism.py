@@ -3,8 +3,8 @@ import json
 import pandas as pd
 import pytest
 
-from analyses.cli import main
-from analyses.organism import OrganismConfig, evaluate_organism, train_organism
+from analyses.interface.cli import main
+from analyses.models.organism import OrganismConfig, evaluate_organism, train_organism
 from analyses.tasks.labels import LabelSpace
 from probes.models import load_model
 

@@ -5,7 +5,7 @@ import json
 import pandas as pd
 import pytest
 
-from analyses.student import default_student_base_path, heldout_perplexity
+from analyses.models.student import default_student_base_path, heldout_perplexity
 
 
 @pytest.fixture(scope="module")

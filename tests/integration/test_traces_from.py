@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyses.cli import main
-from analyses.prompts import get_template
-from analyses.traces import engine_prompts, join_reasoning
+from analyses.interface.cli import main
+from analyses.methods.prompts import get_template
+from analyses.models.generation import engine_prompts, join_reasoning
 from probes.models import load_tokenizer
 
 N_DOCS, N_DEV = 3, 2

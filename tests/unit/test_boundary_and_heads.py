@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from analyses.boundary import ESTIMATORS, change_point
+from analyses.methods.boundary import ESTIMATORS, change_point
 from probes.attention import doc_kurtosis
 from probes.heads import anchor_direction, coarse_terms, distinguishing_tokens, label_margin, margin_gradient, refine_terms
 

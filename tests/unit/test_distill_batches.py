@@ -3,7 +3,7 @@ condition of a seed, and far less padding than random batches."""
 
 import numpy as np
 
-from analyses.distill.training import length_bucketed_batches
+from analyses.methods.distillation.training import length_bucketed_batches
 
 
 def test_each_epoch_visits_every_example_once_and_a_seed_fixes_the_batches():

@@ -4,9 +4,9 @@ changes how a student is trained or evaluated retrains it."""
 import json
 from dataclasses import asdict, replace
 
-from analyses.distill.stage import _finished
-from analyses.io import write_json
-from analyses.settings import DistillConfig
+from analyses.stages.distill import _finished
+from analyses.machinery.io import write_json
+from analyses.machinery.settings import DistillConfig
 
 
 def _student(folder, cfg):

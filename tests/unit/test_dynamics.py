@@ -4,8 +4,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from analyses.dynamics import GRID, compute_dynamics
-from analyses.parsing import TraceParser, render_codes
+from analyses.methods.dynamics import GRID, compute_dynamics
+from analyses.methods.parsing import TraceParser, render_codes
 
 
 class WordTokenizer:
@@ -109,7 +109,7 @@ def test_a_cot_that_does_not_change_gives_flat_curves(heart_labels):
 
 def test_long_prefixes_keep_moving_past_the_embedders_window(distant_labels):
     """MiniLM reads 256 word pieces; a prefix beyond that must still change its embedding."""
-    from analyses.embed import embed_texts
+    from analyses.methods.embed import embed_texts
 
     head = "Candidates: S72.001 fracture of unspecified part of neck of right femur. " * 25  # > 256 pieces
     tail = "Acute systolic heart failure, short of breath, low ejection fraction. " * 25
@@ -128,7 +128,7 @@ def test_bare_codes_are_rendered_and_described_codes_left_alone(heart_labels):
 
 def test_rendering_is_what_lets_the_embedder_see_near_misses(heart_labels):
     """Without rendering, bare codes carry no meaning for MiniLM: the same CoT moves Confusion far less."""
-    from analyses.embed import embed_texts
+    from analyses.methods.embed import embed_texts
 
     near = embed_texts([heart_labels.texts[heart_labels.id_of(c)] for c in NEAR]).mean(0)
     near /= np.linalg.norm(near)

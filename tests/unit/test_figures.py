@@ -65,6 +65,6 @@ def test_results_draw_without_torch():
     import subprocess
     import sys
 
-    code = "import sys; import analyses.results, analyses.report, analyses.settings; print('torch' in sys.modules)"
+    code = "import sys; import analyses.results, analyses.results.report, analyses.machinery.settings; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -134,11 +134,11 @@ def test_notes_carry_distractors_of_each_kind(notes):
 def test_the_organism_fixture_shares_no_note_with_the_default_runs_dev_notes():
     """Boundary settings are tuned on the default run's dev notes; the fixture that tests them
     must not contain any of them (nor of the notes the organism was trained on)."""
-    from analyses.config import RunConfig
+    from analyses.machinery.settings import RunConfig
     import json
 
-    from analyses.organism import OrganismConfig, default_organism_path, organism_notes
-    from analyses.organism.training import TRAINING_NOTE_SEED_OFFSET
+    from analyses.models.organism import OrganismConfig, default_organism_path, organism_notes
+    from analyses.models.organism.training import TRAINING_NOTE_SEED_OFFSET
     from analyses.tasks.sources import load_dataset
     from tests.conftest import FIXTURE_DATA_OPTIONS, FIXTURE_NOTE_SEED
 

@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from analyses.organism import boundary_char, teacher_trace, train_tokenizer
+from analyses.models.organism import boundary_char, teacher_trace, train_tokenizer
 from analyses.tasks.labels import short_description
-from analyses.parsing import GROWTH_GRID, Region, TraceParser, token_char_spans
-from analyses.prompts import get_template
+from analyses.methods.parsing import GROWTH_GRID, Region, TraceParser, token_char_spans
+from analyses.methods.prompts import get_template
 from analyses.tasks.labels import LabelSpace
 
 
@@ -126,7 +126,7 @@ def test_teacher_trace_parses_back(heart_labels, heart_notes):
 
 
 def test_injected_shortlist_round_trips_through_the_parser(heart_labels, tiny_tokenizer):
-    from analyses.isolate import shortlist_text
+    from analyses.stages.isolate import shortlist_text
 
     parser = TraceParser(heart_labels)
     codes = ["I50.22", "I50.21", "I31.4", "I48.0"]
@@ -223,7 +223,7 @@ def test_chat_templates_render_the_document_and_open_thinking(tiny_tokenizer):
     r1.chat_template = "{% for m in messages %}<｜User｜>{{ m['content'] }}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}"
     text, _ = get_template("qwen2-chat").render("Diagnosed with cardiomegaly.", tokenizer=r1)
     assert text.endswith("<｜Assistant｜>")  # this template leaves the think block to the model
-    from analyses.prompts import default_template
+    from analyses.methods.prompts import default_template
 
     assert default_template("qwen3", tok).name == "qwen3-chat" and default_template("qwen3", tiny_tokenizer).name == "qwen3-plain"
     with pytest.raises(Exception, match="no chat template"):

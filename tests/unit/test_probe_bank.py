@@ -92,7 +92,7 @@ def test_auto_takes_the_faster_path_for_the_device_and_says_so():
 
 
 def test_token_identity_baseline_and_control_task():
-    from analyses.characterize import control_labels, token_identity_predict
+    from analyses.stages.characterize import control_labels, token_identity_predict
 
     rng = np.random.default_rng(0)
     cur = rng.integers(0, 30, size=400)

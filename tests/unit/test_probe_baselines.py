@@ -5,7 +5,7 @@ rows alone, and the selectivity CI is the paired document bootstrap of probe min
 import numpy as np
 import pytest
 
-import analyses.characterize as characterize
+import analyses.stages.characterize as characterize
 from probes.linear import split_by_document
 
 KEY = ("phase", 0, 0)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyses.parsing import TraceParser
+from analyses.methods.parsing import TraceParser
 from analyses.tasks.labels import LabelSpace
 from analyses.tasks.metrics import set_metrics, xmc_metrics
 from analyses.tasks.sources import load_dataset

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from analyses.config import RunConfig, load_config
-from analyses.io import Manifest, read_parquet, write_parquet
+from analyses.machinery.settings import RunConfig, load_config
+from analyses.machinery.io import Manifest, read_parquet, write_parquet
 from analyses.tasks.labels import LabelSpace
 from analyses.tasks.sources import Dataset, load_dataset
 from probes.errors import CtdInputError
@@ -104,7 +104,7 @@ def test_config_files_give_typed_settings_or_name_the_problem(tmp_path_factory, 
 
 
 def test_set_overrides_reach_every_setting_and_name_bad_ones():
-    from analyses.settings import apply_override
+    from analyses.machinery.settings import apply_override
 
     config = apply_override(RunConfig(), "patch.n_docs=12")
     config = apply_override(config, "characterize.internal.channels=regions")
@@ -151,7 +151,7 @@ def test_a_stage_that_dies_is_never_marked_complete(tmp_path):
 
 
 def test_pipeline_refuses_an_edited_earlier_output(tmp_path, monkeypatch, capsys):
-    from analyses.cli import main
+    from analyses.interface.cli import main
 
     monkeypatch.chdir(tmp_path)
     assert main(["run", "--out", "results/r", "--until", "data", "--opt", "n_docs=12"]) == 0

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from analyses.retrieval import ApproximateIndex, ExactIndex, build_index, recall_at_k
+from analyses.methods.retrieval import ApproximateIndex, ExactIndex, build_index, recall_at_k
 
 
 def test_exact_search_is_exact():
@@ -29,7 +29,7 @@ def test_approximate_index_keeps_recall():
 
 
 def test_tie_aware_recall_counts_any_of_several_identical_kth_neighbours():
-    from analyses.retrieval import recall_at_k
+    from analyses.methods.retrieval import recall_at_k
 
     exact_ids = np.array([[0, 1, 2]])
     exact_sims = np.array([[0.9, 0.8, 0.7]])
@@ -42,7 +42,7 @@ def test_tie_aware_recall_counts_any_of_several_identical_kth_neighbours():
 
 
 def test_search_width_can_change_without_rebuilding():
-    from analyses.retrieval import ApproximateIndex, ExactIndex, recall_at_k
+    from analyses.methods.retrieval import ApproximateIndex, ExactIndex, recall_at_k
 
     rng = np.random.default_rng(0)
     vectors = rng.normal(size=(3000, 16)).astype(np.float32)

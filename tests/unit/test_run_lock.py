@@ -1,4 +1,4 @@
-"""The run-directory lock (analyses.io.RunLock): it appears with its record complete, so it is never
+"""The run-directory lock (analyses.machinery.io.RunLock): it appears with its record complete, so it is never
 taken from a live owner, however slow; a stale one is taken over by one process only."""
 
 import json
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-import analyses.io
-from analyses.io import RunLock
+import analyses.machinery.io
+from analyses.machinery.io import RunLock
 from probes.errors import CtdInputError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,7 +63,7 @@ def test_the_lock_appears_with_its_record_complete(tmp_path, single_process, mon
         seen.append((lock.exists(), json.loads(Path(src).read_text())))
         real_link(src, dst)
 
-    monkeypatch.setattr(analyses.io.os, "link", link)
+    monkeypatch.setattr(analyses.machinery.io.os, "link", link)
     with RunLock(tmp_path):
         assert seen == [(False, json.loads(lock.read_text()))] and seen[0][1]["pid"] == os.getpid()
         assert sorted(p.name for p in tmp_path.iterdir()) == [".ctd.lock"]  # the temporary record is gone
@@ -74,7 +74,7 @@ def test_without_hard_links_the_lock_is_created_exclusively(tmp_path, single_pro
     def no_links(src, dst):
         raise PermissionError(1, "Operation not permitted")
 
-    monkeypatch.setattr(analyses.io.os, "link", no_links)
+    monkeypatch.setattr(analyses.machinery.io.os, "link", no_links)
     lock = tmp_path / ".ctd.lock"
     with RunLock(tmp_path):
         assert json.loads(lock.read_text())["pid"] == os.getpid()
@@ -156,7 +156,7 @@ def test_a_stale_lock_taken_over_meanwhile_by_another_process_is_kept(tmp_path, 
 # old create-then-write lock and the new linked one), then waits until the other process has decided.
 _SLOW_OWNER = r"""
 import json, os, sys, time
-import analyses.io as io
+import analyses.machinery.io as io
 from probes.errors import CtdInputError
 run, ready, decided = sys.argv[1:4]
 real_dump = json.dump
@@ -202,7 +202,7 @@ def test_a_slow_owner_is_not_overtaken(tmp_path, single_process):
 # the lock over by then), so a takeover that does not look again deletes the first one's lock.
 _STALE_TAKER = r"""
 import os, sys, time
-import analyses.io as io
+import analyses.machinery.io as io
 from probes.errors import CtdInputError
 run, me, other, delay = sys.argv[1:5]
 real_alive = io.RunLock._owner_alive

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-from analyses.cli import main
+from analyses.interface.cli import main
 from analyses.tasks.metrics import xmc_metrics
 from analyses.tasks.sources import SOURCES, Dataset, apply_filter, load_dataset
 from probes.errors import CtdInputError
@@ -192,7 +192,7 @@ def test_cli_bad_input_keeps_what_was_written(tmp_path, capsys):
 
 def test_console_script_exit_code_and_one_line(tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "analyses.cli", "data", "show", "icd10cm", "--chapters", "99"],
+        [sys.executable, "-m", "analyses.interface.cli", "data", "show", "icd10cm", "--chapters", "99"],
         capture_output=True,
         text=True,
     )
@@ -211,7 +211,7 @@ def test_run_directory_lock_and_names(tmp_path, capsys, monkeypatch):
     import os
     import subprocess
 
-    from analyses.io import RunLock
+    from analyses.machinery.io import RunLock
 
     run = tmp_path / "locked"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])

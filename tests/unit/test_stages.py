@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 
 from analyses import stages
-from analyses.pipeline import stage_names
-from analyses.settings import RunConfig
+from analyses.machinery.io import Manifest
+from analyses.machinery.settings import RunConfig
 from probes.errors import CtdInputError
 
 TOY_STAGE = textwrap.dedent(
@@ -47,7 +47,7 @@ def toy_stage(tmp_path):
 
 
 def test_a_registered_stage_joins_the_run_where_it_was_put(toy_stage):
-    names = stage_names()
+    names = stages.stage_names()
     assert names.index("toy_count") == names.index("isolate") + 1
     assert names[0] == "data" and names[-1] == "report"
 
@@ -67,9 +67,19 @@ def test_the_runner_records_saves_reuses_and_guards_a_new_stage(toy_stage, tmp_p
     # an edited output is refused by name before any stage reads it
     (run_dir / "toy_count.parquet").write_bytes(b"edited")
     with pytest.raises(CtdInputError, match="toy_count.parquet"):
-        stages.Manifest(run_dir).verify_complete()
+        Manifest(run_dir).verify_complete()
 
 
 def test_a_missing_input_names_the_command_that_writes_it(toy_stage, tmp_path):
     with pytest.raises(CtdInputError, match="docs.parquet"):
         stages.run("toy_count", tmp_path / "empty", RunConfig(), progress=False)
+
+
+def test_each_built_in_stage_is_one_module_of_the_stages_folder_in_the_order_of_ctd_run():
+    from analyses.machinery.protocol import EXTRA_STAGES
+
+    assert stages.stage_names() == ("data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report")
+    for stage in stages.STAGES + EXTRA_STAGES:
+        module = f"analyses.stages.{stage.name.removesuffix('_pilot')}"
+        assert (stage.compute.__module__, stage.compute.__name__) == (module, "compute"), stage.name
+        assert getattr(stages, stage.name.removesuffix("_pilot")).compute is stage.compute
