@@ -33,7 +33,7 @@ from analyses.machinery.settings import InternalSettings
 from probes.errors import input_error
 from probes.points import hook_name, reduction_name
 
-__all__ = ["Boundary", "ESTIMATORS", "DEFAULT_ESTIMATORS", "TokenPhaseTable", "fit_token_phase_table", "register_estimator", "change_point", "internal_signal", "behavioural_signal", "estimate_boundaries", "fit_constant_share", "tune_internal", "InternalSettings", "SMOOTHING_GRID", "attention_features", "fit_phase_probe", "PhaseProbe"]
+__all__ = ["Boundary", "ESTIMATORS", "DEFAULT_ESTIMATORS", "TokenPhaseTable", "fit_token_phase_table", "TextPhaseProbe", "fit_text_phase_probe", "TEXT_BASELINES", "register_estimator", "change_point", "internal_signal", "behavioural_signal", "estimate_boundaries", "fit_constant_share", "tune_internal", "InternalSettings", "SMOOTHING_GRID", "attention_features", "fit_phase_probe", "PhaseProbe"]
 
 
 def change_point(signal: np.ndarray, min_size: int = 3, smooth: int = 1) -> int:
@@ -213,7 +213,7 @@ def fit_phase_probe(traces: pd.DataFrame, store, layers: list[int], C: float = 0
     if len(np.unique(y)) < 2:
         return None
     scaler = StandardScaler().fit(x)
-    model = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(x), y)
+    model = LogisticRegression(C=C, solver="liblinear", max_iter=2000).fit(scaler.transform(x), y)
     return PhaseProbe(scaler, model, list(layers), len(known))
 
 
@@ -252,12 +252,7 @@ class TokenPhaseTable:
     threshold: float | None = None
 
     def locate(self, trace, min_size: int = 3, smooth: int = 1) -> int:
-        signal = self.signal(trace)
-        if self.threshold is not None:
-            above = np.flatnonzero(signal[:, 0] >= self.threshold)
-            if len(above):
-                return int(above[0])
-        return change_point(signal, min_size=min_size, smooth=smooth)
+        return _read_tau(self.signal(trace), self.threshold, min_size, smooth)
 
     def signal(self, trace) -> np.ndarray:
         ids = np.concatenate([np.asarray(trace.prompt_ids), np.asarray(trace.output_ids)])
@@ -284,20 +279,127 @@ def fit_token_phase_table(traces: pd.DataFrame) -> TokenPhaseTable | None:
             single.setdefault(int(ids[p]), [0, 0])[y] += 1
             labels.append(y)
     table = TokenPhaseTable(pair, single, float(np.mean(labels)), len(known))
-    T = (known["cot_end"] - known["cot_start"]).clip(lower=1).to_numpy(float)
-    truth = known["true_boundary"].astype(float).to_numpy() - known["cot_start"].to_numpy(float)
-    best = (np.inf, None)
-    for threshold in TOKEN_THRESHOLDS:
-        table.threshold = threshold
-        located = np.array([table.locate(t) for t in known.itertuples(index=False)], dtype=float)
-        error = float(np.median(np.abs(located - truth) / T)) + 1e-6 * float(np.mean(np.abs(located - truth) / T))
-        if error < best[0]:
-            best = (error, threshold)
-    table.threshold = best[1]
+    table.threshold = _best_threshold(table, known)
     return table
 
 
+# None = one change point; else the first token at or above the threshold.
 TOKEN_THRESHOLDS = (None, 0.5, 0.7, 0.9, 0.99)
+# The text probe's probabilities are graded (its window sees a marker from several tokens): a
+# finer grid of readings, chosen on its dev traces like the lookup's.
+TEXT_PROBE_THRESHOLDS = (None,) + tuple(round(float(x), 3) for x in np.linspace(0.5, 0.995, 34))
+
+
+def _best_threshold(baseline, known: pd.DataFrame, thresholds=TOKEN_THRESHOLDS, signals: list | None = None) -> float | None:
+    """The reading of ``baseline``'s P(phase 2) (a threshold, or None for the change point) with the
+    smallest median error on ``known`` (its own dev traces), so the baseline is as strong as it gets.
+    ``signals``: the per-trace P(phase 2) to read (default: the baseline's own on ``known``)."""
+    T = (known["cot_end"] - known["cot_start"]).clip(lower=1).to_numpy(float)
+    truth = known["true_boundary"].astype(float).to_numpy() - known["cot_start"].to_numpy(float)
+    signals = [baseline.signal(t) for t in known.itertuples(index=False)] if signals is None else signals
+    best = (np.inf, None)
+    for threshold in thresholds:
+        located = np.array([_read_tau(signal, threshold) for signal in signals], dtype=float)
+        error = float(np.median(np.abs(located - truth) / T)) + 1e-6 * float(np.mean(np.abs(located - truth) / T))
+        if error < best[0]:
+            best = (error, threshold)
+    return best[1]
+
+
+def _read_tau(signal: np.ndarray, threshold: float | None, min_size: int = 3, smooth: int = 1) -> int:
+    if threshold is not None:
+        above = np.flatnonzero(signal[:, 0] >= threshold)
+        if len(above):
+            return int(above[0])
+    return change_point(signal, min_size=min_size, smooth=smooth)
+
+
+# The text-only probe reads this many tokens back from (and including) the current one.
+TEXT_WINDOW = 16
+TEXT_PROBE_C_GRID = (0.1, 1.0, 10.0)
+
+
+def _window_features(ids: np.ndarray, p: int, window: int = TEXT_WINDOW) -> list[str]:
+    """n-grams (n = 1-3) of token ids in the last ``window`` tokens up to position ``p``, as a bag,
+    plus the last four tokens and the last bigram at their offsets."""
+    w = [int(x) for x in ids[max(0, p - window + 1) : p + 1]]
+    out = [f"{n}:" + "_".join(map(str, w[i : i + n])) for n in (1, 2, 3) for i in range(len(w) - n + 1)]
+    out += [f"at{k}:{w[-1 - k]}" for k in range(min(4, len(w)))]
+    if len(w) >= 2:
+        out.append(f"at01:{w[-2]}_{w[-1]}")
+    return out
+
+
+@dataclass
+class TextPhaseProbe:
+    """The text-only probe baseline for the boundary: logistic regression on hashed n-grams
+    (n = 1-3) of the last 16 token ids, fitted on dev traces with a known boundary (C by grouped
+    cross-validation, the reading threshold on the same traces). What a reader of the recent text
+    alone gets; unlike the two-token lookup it sees a marker up to 15 tokens back."""
+
+    hasher: object
+    model: object
+    n_traces: int
+    C: float
+    threshold: float | None = None
+
+    def _matrix(self, trace):
+        ids = np.concatenate([np.asarray(trace.prompt_ids), np.asarray(trace.output_ids)])
+        return self.hasher.transform(_window_features(ids, p) for p in range(int(trace.cot_start), int(trace.cot_end)))
+
+    def signal(self, trace) -> np.ndarray:
+        return self.model.predict_proba(self._matrix(trace))[:, 1:]
+
+    def locate(self, trace, min_size: int = 3, smooth: int = 1) -> int:
+        return _read_tau(self.signal(trace), self.threshold, min_size, smooth)
+
+
+def fit_text_phase_probe(traces: pd.DataFrame, seed: int = 0) -> TextPhaseProbe | None:
+    """:class:`TextPhaseProbe` from ``traces`` with a known boundary (dev traces); None without."""
+    from scipy import sparse
+    from sklearn.feature_extraction import FeatureHasher
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold, cross_val_predict, cross_val_score
+
+    known = traces.dropna(subset=["true_boundary"]).reset_index(drop=True)
+    if known.empty:
+        return None
+    hasher = FeatureHasher(n_features=2**18, input_type="string", alternate_sign=False)
+    blocks, ys, groups = [], [], []
+    for i, t in enumerate(known.itertuples(index=False)):
+        ids = np.concatenate([np.asarray(t.prompt_ids), np.asarray(t.output_ids)])
+        positions = range(int(t.cot_start), int(t.cot_end))
+        blocks.append(hasher.transform(_window_features(ids, p) for p in positions))
+        ys.append((np.arange(int(t.cot_start), int(t.cot_end)) >= int(t.true_boundary)).astype(int))
+        groups.append(np.full(len(positions), i))
+    x, y, g = sparse.vstack(blocks).tocsr(), np.concatenate(ys), np.concatenate(groups)
+    if len(np.unique(y)) < 2:
+        return None
+    folds = min(3, len(known))
+    signals = None
+    if folds >= 2:
+        scores = {C: float(np.mean(cross_val_score(LogisticRegression(C=C, solver="liblinear", max_iter=2000), x, y, groups=g, cv=GroupKFold(folds), scoring="neg_log_loss"))) for C in TEXT_PROBE_C_GRID}
+        C = max(scores, key=scores.get)
+        # The reading is chosen on out-of-fold P(phase 2): in-sample, n-grams unique to a trace
+        # memorise its phases, and any reading looks exact.
+        held_out = cross_val_predict(LogisticRegression(C=C, solver="liblinear", max_iter=2000), x, y, groups=g, cv=GroupKFold(folds), method="predict_proba")[:, 1]
+        signals = [held_out[g == i][:, None] for i in range(len(known))]
+    else:
+        C = 1.0
+    probe = TextPhaseProbe(hasher, LogisticRegression(C=C, solver="liblinear", max_iter=2000).fit(x, y), len(known), C)
+    probe.threshold = _best_threshold(probe, known, TEXT_PROBE_THRESHOLDS, signals)
+    return probe
+
+
+@register_estimator("text_probe")
+def _text_probe(trace, text_probe=None, min_size=3, **_) -> int | None:
+    if text_probe is None:
+        return None  # not fitted: no dev trace with a known boundary
+    return text_probe.locate(trace, min_size=min_size)
+
+
+# The text-only baselines: the internal estimator is scored against the stronger of them.
+TEXT_BASELINES = ("tokens", "text_probe")
 
 
 @register_estimator("tokens")
@@ -320,7 +422,7 @@ def fit_constant_share(dev_traces: pd.DataFrame, grid: np.ndarray = np.linspace(
     return float(grid[best[np.argmin(np.abs(grid[best] - np.median(share)))]])
 
 
-DEFAULT_ESTIMATORS = ("fixed", "constant", "tokens", "behavioural", "internal", "internal_unsupervised")
+DEFAULT_ESTIMATORS = ("fixed", "constant", "tokens", "text_probe", "behavioural", "internal", "internal_unsupervised")
 
 
 def estimate_boundaries(traces: pd.DataFrame, estimators=DEFAULT_ESTIMATORS, progress: bool = False, **context) -> Boundary:
@@ -371,6 +473,9 @@ def estimate_boundaries(traces: pd.DataFrame, estimators=DEFAULT_ESTIMATORS, pro
         meta["constant_share"] = context["constant_share"]
     if context.get("token_table") is not None:
         meta["tokens"] = f"P(phase 2 | current, previous token id) counted on {context['token_table'].n_traces} dev traces (back-off to the current token, then the prior), read as " + (f"the first token with P >= {context['token_table'].threshold}" if context["token_table"].threshold is not None else "one change point") + f" (chosen on the same dev traces among {list(TOKEN_THRESHOLDS)}, None = change point): what a lookup on the text gets"
+    if context.get("text_probe") is not None:
+        tp = context["text_probe"]
+        meta["text_probe"] = f"logistic regression (C={tp.C}, grouped {min(3, tp.n_traces)}-fold CV, reading chosen out of fold) on hashed 1-3-grams of the last {TEXT_WINDOW} token ids and the last four at their offsets, fitted on {tp.n_traces} dev traces, read as " + (f"the first token with P >= {tp.threshold}" if tp.threshold is not None else "one change point") + ": what a reader of the recent text gets"
     return Boundary(frame, meta)
 
 

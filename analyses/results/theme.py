@@ -10,7 +10,7 @@ __all__ = ["THEME", "PALETTE", "themed", "ESTIMATOR_COLOURS"]
 
 # Okabe-Ito: distinguishable under the common colour-vision deficiencies.
 PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
-ESTIMATOR_COLOURS = {"fixed": "#000000", "constant": "#CC79A7", "tokens": "#D55E00", "behavioural": "#E69F00", "internal": "#0072B2", "internal_unsupervised": "#56B4E9", "true": "#009E73"}
+ESTIMATOR_COLOURS = {"fixed": "#000000", "constant": "#CC79A7", "tokens": "#D55E00", "text_probe": "#882255", "behavioural": "#E69F00", "internal": "#0072B2", "internal_unsupervised": "#56B4E9", "true": "#009E73"}
 
 THEME = go.layout.Template(
     layout=go.Layout(

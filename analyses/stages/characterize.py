@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analyses.methods.boundary import estimate_boundaries, fit_constant_share, fit_phase_probe, fit_token_phase_table, tune_internal
+from analyses.methods.boundary import estimate_boundaries, fit_constant_share, fit_phase_probe, fit_text_phase_probe, fit_token_phase_table, tune_internal
 from analyses.methods.dynamics import GRID, compute_dynamics
 from analyses.machinery.io import read_parquet
 from analyses.machinery.protocol import Stage, StageContext, register_stage
@@ -460,7 +460,8 @@ def compute(ctx: StageContext) -> dict[str, FrameResult]:
     dev_in_store = dev is not None and len(dev) and set(dev["doc_id"].astype(str)) <= set(store.doc_ids)
     probe = fit_phase_probe(dev, store, list(range(n_layers)), internal.C) if internal.channels == "probe" and dev_in_store else None
     token_table = fit_token_phase_table(dev) if dev is not None and len(dev) else None
-    boundary = estimate_boundaries(traces, dynamics_rows=dyn_rows, grid=GRID, store=store, layers=list(range(n_layers)), pca=pca, constant_share=constant_share, internal=internal, phase_probe=probe, token_table=token_table, progress=progress)
+    text_probe = fit_text_phase_probe(dev, seed) if dev is not None and len(dev) else None
+    boundary = estimate_boundaries(traces, dynamics_rows=dyn_rows, grid=GRID, store=store, layers=list(range(n_layers)), pca=pca, constant_share=constant_share, internal=internal, phase_probe=probe, token_table=token_table, text_probe=text_probe, progress=progress)
     boundary.meta["constant_fitted_on"] = f"{dev_path.name}: {len(_usable_traces(dev_path))} dev traces" if constant_share is not None else "not fitted: no dev traces with a known boundary"
     boundary.meta["n_boot"] = n_boot
     results["boundary"] = boundary
