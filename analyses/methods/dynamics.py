@@ -43,7 +43,7 @@ def compute_dynamics(
     code_parser = TraceParser(labels, match_texts=False)
     by_id = docs.set_index("doc_id")
     prefixes, owners = [], []
-    doc_texts, near_texts = [], []
+    doc_texts, near_texts, gold_texts = [], [], []
     for row in traces.itertuples(index=False):
         doc = by_id.loc[row.doc_id]
         cot_ids = list(row.output_ids)[: int(row.cot_end) - int(row.cot_start)]
@@ -58,7 +58,8 @@ def compute_dynamics(
             doc_texts.append(doc["text"])
         near = near_misses_of(doc)
         near_texts.append([labels.texts[j] for j in near])
-    return dynamics_from_texts(owners, prefixes, doc_texts, near_texts, grid, reference, n_boot, seed, progress)
+        gold_texts.append([labels.texts[int(g)] for g in doc["gold"]])
+    return dynamics_from_texts(owners, prefixes, doc_texts, near_texts, grid, reference, n_boot, seed, progress, gold_texts)
 
 
 def dynamics_from_texts(
@@ -71,9 +72,12 @@ def dynamics_from_texts(
     n_boot: int = 1000,
     seed: int = 0,
     progress: bool = False,
+    gold_texts: list[list[str]] | None = None,
 ) -> Dynamics:
     """Focus/Confusion from rendered CoT prefixes (``len(grid)`` per trace, in order), each trace's
-    reference text and its near-miss label descriptions."""
+    reference text and its near-miss label descriptions. With ``gold_texts`` (each trace's gold
+    label descriptions) the meta also says how far the embedder separates gold from near-miss
+    descriptions: Confusion can part from Focus only as far as it does."""
     if progress:
         print(f"[dynamics] embedding {len(prefixes):,} CoT prefixes", file=sys.stderr)
     prefix_vec = embed_texts(prefixes).reshape(len(owners), len(grid), -1)
@@ -108,4 +112,29 @@ def dynamics_from_texts(
         "confusion_reference": "mean embedding of the near-miss labels' descriptions",
         "n_boot": n_boot,
     }
+    if gold_texts is not None:
+        meta["separation"] = _separation(gold_texts, near_texts, n_boot, seed)
     return Dynamics(frame, meta)
+
+
+def _separation(gold_texts: list[list[str]], near_texts: list[list[str]], n_boot: int, seed: int) -> dict:
+    """Per trace, the mean cosine between its gold and its near-miss descriptions, and (the
+    reference) between its gold and the next trace's near-misses; mean and bootstrap CI over traces."""
+    unique = sorted({t for ts in gold_texts + near_texts for t in ts})
+    if not unique:
+        return {}
+    vec = dict(zip(unique, embed_texts(unique)))
+    n = len(gold_texts)
+
+    def mean_cos(golds, nears):
+        if not golds or not nears:
+            return np.nan
+        return float(np.mean(np.array([vec[g] for g in golds]) @ np.array([vec[m] for m in nears]).T))
+
+    own = np.array([mean_cos(gold_texts[i], near_texts[i]) for i in range(n)])
+    other = np.array([mean_cos(gold_texts[i], near_texts[(i + 1) % n]) for i in range(n)]) if n > 1 else np.array([np.nan])
+    out = {"reading": "cosine of the embedder's unit vectors; per trace the mean over (gold, near-miss) pairs; 'other notes' pairs each trace's gold with the next trace's near-misses"}
+    for name, values in (("gold_vs_near_miss_cosine", own), ("gold_vs_other_notes_near_miss_cosine", other)):
+        values = values[np.isfinite(values)]
+        out[name] = list(bootstrap_ci(values, n_boot=n_boot, seed=seed)) if len(values) else None
+    return out

@@ -5,6 +5,15 @@ what distillation scores a student's held-out traces with.
 - ``answer_margin``: at each gold code, its log-probability minus the strongest near-miss's (at the
   first token where their tokenisations part), mean over codes.
 
+Inside the chain of thought, where each phase acts (the answer copies the CoT's codes, so an
+answer read-out can route around the phase heads):
+
+- ``cot_phase1_logprob``: the teacher-forced log-probability of each code the CoT shortlists, at
+  its phase-1 mention (the code's tokens, not its description), mean over mentions;
+- ``cot_phase2_margin``: at each phase-2 verdict token (``keep`` on a gold code's line, ``drop``
+  on a near-miss's), the log-probability of the verdict written minus the opposite one's, mean
+  over verdicts: how firmly phase 2 tells gold from its near-misses.
+
 :func:`answer_readouts` gives each read-out's items for one trace (positions, target tokens,
 competitor tokens), which :class:`probes.patching.TokenReadout` evaluates.
 """
@@ -15,9 +24,13 @@ import numpy as np
 
 from analyses.methods.parsing import Region
 
-__all__ = ["answer_readouts", "find_tokens", "READOUTS"]
+__all__ = ["answer_readouts", "cot_readouts", "find_tokens", "READOUTS", "ANSWER_READOUTS", "COT_READOUTS", "VERDICTS"]
 
-READOUTS = ("answer_logprob", "answer_margin")
+ANSWER_READOUTS = ("answer_logprob", "answer_margin")
+COT_READOUTS = ("cot_phase1_logprob", "cot_phase2_margin")
+READOUTS = ANSWER_READOUTS + COT_READOUTS
+# The phase-2 verdict words, each the other's foil.
+VERDICTS = ("keep", "drop")
 
 
 def find_tokens(haystack: list[int], needle: list[int], start: int, end: int) -> int:
@@ -59,3 +72,44 @@ def answer_readouts(tokenizer, labels, ids: list[int], regions: np.ndarray, gold
                 margin_items.append(((s - 1 + i,), (variant[i],), tuple(dict.fromkeys(competitors))))
             break
     return {"answer_logprob": logprob_items, "answer_margin": margin_items}
+
+
+def _word_variants(tokenizer, word: str) -> list[tuple[int, ...]]:
+    return [v for v in dict.fromkeys(tuple(tokenizer.encode(t, add_special_tokens=False)) for t in (" " + word, word)) if v]
+
+
+def cot_readouts(tokenizer, labels, ids: list[int], mentions, boundary: int | None, cot_end: int) -> dict[str, list]:
+    """The items of the two CoT read-outs of one trace (see the module docstring); ``mentions``
+    are the parsed label mentions (``label_id``, ``token_start``, ``token_end`` in ``ids``),
+    ``boundary`` the first phase-2 token (None: no items)."""
+    out = {"cot_phase1_logprob": [], "cot_phase2_margin": []}
+    if boundary is None:
+        return out
+    for m in mentions or []:
+        start, end = int(m["token_start"]), int(m["token_end"])
+        if start >= boundary or start < 1:
+            continue
+        for variant in _code_variants(tokenizer, labels.codes[int(m["label_id"])]):
+            s = find_tokens(ids, list(variant), start, min(end + 1, boundary))
+            if s >= 1:
+                out["cot_phase1_logprob"].append((tuple(range(s - 1, s - 1 + len(variant))), tuple(variant), ()))
+                break
+    keep, drop = (_word_variants(tokenizer, w) for w in VERDICTS)
+    pairs = [(k, d) for k in keep for d in drop if len(k) == len(d)]
+    for k, d in pairs:  # the first token where the two verdicts part is the decision
+        i = next((j for j, (a, b) in enumerate(zip(k, d)) if a != b), None)
+        if i is None:
+            continue
+        for written, other in ((k, d), (d, k)):
+            p = boundary
+            while True:
+                s = find_tokens(ids, list(written), p, cot_end)
+                if s < 0:
+                    break
+                if s + i >= 1 and ids[s : s + i] == list(written[:i]):
+                    out["cot_phase2_margin"].append(((s + i - 1,), (written[i],), ((other[i],),)))
+                p = s + 1
+        if out["cot_phase2_margin"]:
+            break
+    out["cot_phase2_margin"].sort()
+    return out

@@ -49,12 +49,35 @@ class Dynamics(FrameResult):
                 name = f"{metric}_change_{phase}"
                 rows.append((doc_id, np.nan, name, float(change), np.nan, np.nan))
                 per_metric.setdefault(name, []).append(float(change))
+        # Confusion minus Focus, averaged over each phase's grid points, paired per trace.
+        wide = curves.pivot_table(index=["doc_id", "t"], columns="metric", values="value").reset_index()
+        if {"focus", "confusion"} <= set(wide.columns):
+            for doc_id, g in wide.groupby("doc_id", sort=True):
+                if doc_id not in tau_norm:
+                    continue
+                gap = (g["confusion"] - g["focus"]).to_numpy(float)
+                early = g["t"].to_numpy(float) < tau_norm[doc_id]
+                if not np.isfinite(gap).all() or early.all() or not early.any():
+                    continue
+                for name, value in (("gap_phase1", gap[early].mean()), ("gap_phase2", gap[~early].mean()), ("gap_phase2_minus_phase1", gap[~early].mean() - gap[early].mean())):
+                    rows.append((doc_id, np.nan, name, float(value), np.nan, np.nan))
+                    per_metric.setdefault(name, []).append(float(value))
         for name, values in per_metric.items():
             mean, lo, hi = bootstrap_ci(np.asarray(values), n_boot=n_boot, seed=seed)
             rows.append((None, np.nan, name, mean, lo, hi))
-        frame = pd.concat([self.frame[~self.frame["metric"].str.contains("_change_")], pd.DataFrame(rows, columns=self.frame.columns)], ignore_index=True)
-        meta = {**self.meta, "phase_changes": f"per trace, paired: value at its own boundary minus value at t=0 (phase 1), value at t=1 minus value at the boundary (phase 2); boundary from {source}; mean and bootstrap 95% CI over traces"}
+        kept = ~self.frame["metric"].str.contains("_change_") & ~self.frame["metric"].str.startswith("gap_")
+        frame = pd.concat([self.frame[kept], pd.DataFrame(rows, columns=self.frame.columns)], ignore_index=True)
+        meta = {
+            **self.meta,
+            "phase_changes": f"per trace, paired: value at its own boundary minus value at t=0 (phase 1), value at t=1 minus value at the boundary (phase 2); boundary from {source}; mean and bootstrap 95% CI over traces",
+            "phase_gaps": "per trace: Confusion minus Focus averaged over the grid points before its boundary (gap_phase1) and from it on (gap_phase2), and their difference; mean and bootstrap 95% CI over traces",
+        }
         return Dynamics(frame, meta)
+
+    def phase_gaps(self) -> pd.DataFrame:
+        """Summary rows of Confusion minus Focus per phase (empty before :meth:`with_phase_changes`)."""
+        s = self.summary
+        return s[s["metric"].str.startswith("gap_")].reset_index(drop=True)
 
     def phase_changes(self) -> pd.DataFrame:
         """Summary rows of the per-phase changes (empty before :meth:`with_phase_changes`)."""

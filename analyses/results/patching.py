@@ -57,17 +57,20 @@ class PatchingResult(FrameResult):
                 continue
             table = g.pivot_table(index="layer", columns="head", values="value")
             fig.add_trace(go.Heatmap(z=table.values, x=[f"H{h}" for h in table.columns], y=[f"L{l}" for l in table.index], coloraxis="coloraxis", hovertemplate="%{y}%{x}: %{z:.3f}<extra></extra>"), row=1, col=c)
-        for c, score in ((3, "coarse"), (4, "refine")):
+        # One colour scale per score: RefineScore's values are orders of magnitude below
+        # CoarseScore's, and on a shared scale its panel is one flat colour.
+        for c, score, axis in ((3, "coarse", "coloraxis2"), (4, "refine", "coloraxis3")):
             if scores.empty:
                 continue
             g = scores[scores["score"] == score]
             table = g.pivot_table(index="layer", columns="head", values="value")
-            fig.add_trace(go.Heatmap(z=table.values, x=[f"H{h}" for h in table.columns], y=[f"L{l}" for l in table.index], coloraxis="coloraxis2", hovertemplate="%{y}%{x}: %{z:.3f}<extra></extra>"), row=1, col=c)
+            fig.add_trace(go.Heatmap(z=table.values, x=[f"H{h}" for h in table.columns], y=[f"L{l}" for l in table.index], coloraxis=axis, hovertemplate="%{y}%{x}: %{z:.4g}<extra></extra>"), row=1, col=c)
         fig = themed(fig, f"Causal map ({readout.replace('_', ' ')}, {self.meta.get('what', 'z')}, test traces) beside the phase scores (dev traces)", "head", "layer")
         fig.update_layout(
-            width=1300, height=430,
-            coloraxis=dict(colorscale="RdBu", cmid=0, colorbar=dict(title="effect", x=0.47)),
-            coloraxis2=dict(colorscale="Viridis", colorbar=dict(title="score", x=1.0)),
+            width=1400, height=430,
+            coloraxis=dict(colorscale="RdBu", cmid=0, colorbar=dict(title="effect", x=0.47, len=0.9)),
+            coloraxis2=dict(colorscale="Viridis", colorbar=dict(title="Coarse", x=0.735, len=0.9, thickness=12)),
+            coloraxis3=dict(colorscale="Viridis", colorbar=dict(title="Refine", x=1.0, len=0.9, thickness=12, exponentformat="e")),
         )
         return fig
 

@@ -238,6 +238,21 @@ def characterization_findings(run_dir: str | Path) -> list[str]:
         if len(changes):
             parts = [f"{m.replace('_change_', ' change over ').replace('phase', 'phase ')} {_fmt_ci(r.value, r.ci_low, r.ci_high)}" for m, r in changes.iterrows()]
             out.append("Behavioural dynamics, paired per trace: " + "; ".join(parts) + ".")
+        dynamics = Dynamics.load(run_dir / "dynamics.parquet")
+        gaps = dynamics.phase_gaps().set_index("metric")
+        if len(gaps):
+            names = {"gap_phase1": "phase 1", "gap_phase2": "phase 2", "gap_phase2_minus_phase1": "phase 2 minus phase 1"}
+            out.append("Confusion minus Focus, averaged within each phase and paired per trace: " + "; ".join(f"{names[m]} {_fmt_ci(r.value, r.ci_low, r.ci_high)}" for m, r in gaps.iterrows() if m in names) + ".")
+        separation = dynamics.meta.get("separation") or {}
+        own, other = separation.get("gold_vs_near_miss_cosine"), separation.get("gold_vs_other_notes_near_miss_cosine")
+        if own:
+            sentence = f"The embedder puts gold and near-miss descriptions at cosine {_fmt_ci(*own)}"
+            sentence += f" (gold against other notes' near-misses: {_fmt_ci(*other)})" if other else ""
+            change = gaps["value"].get("gap_phase2_minus_phase1") if len(gaps) else None
+            flat = change is None or (gaps.loc["gap_phase2_minus_phase1", "ci_low"] <= 0 <= gaps.loc["gap_phase2_minus_phase1", "ci_high"])
+            if own[0] >= 0.8 and flat:
+                sentence += ": it barely separates a code from its siblings, so Confusion and Focus cannot part here, whatever the CoT does"
+            out.append(sentence + ".")
     return out
 
 

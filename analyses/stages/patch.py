@@ -38,7 +38,7 @@ from analyses.machinery.io import read_parquet
 from analyses.machinery.protocol import Stage, StageContext, register_stage
 from analyses.methods.parsing import Region, TraceParser
 from analyses.methods.prompts import run_template
-from analyses.methods.readouts import READOUTS, answer_readouts, find_tokens
+from analyses.methods.readouts import READOUTS, answer_readouts, cot_readouts, find_tokens
 from analyses.results.boundary import Boundary
 from analyses.results.characterize import HeadScores
 from analyses.results.patching import PatchingResult
@@ -188,6 +188,7 @@ def compute(ctx: StageContext) -> PatchingResult:
         readouts = answer_readouts(tok, labels, ids, np.asarray(trace.regions), gold, near)
         if not readouts["answer_logprob"]:
             continue
+        readouts.update(cot_readouts(tok, labels, ids, trace.mentions, phase_tau.get(trace.doc_id), int(trace.cot_end)))
         gold_all = set(int(g) for g in doc["gold"])
         pool = [d for d in donors if d.doc_id != trace.doc_id and not gold_all & set(int(g) for g in by_id.loc[d.doc_id]["gold"])]
         if not pool:  # every other trace shares a gold code: nothing unrelated to corrupt with
@@ -415,6 +416,8 @@ def compute(ctx: StageContext) -> PatchingResult:
         "readouts": {
             "answer_logprob": "teacher-forced log p of each gold answer code (all its tokens), mean over codes",
             "answer_margin": "at each gold answer code: log p(gold) - max log p(near-miss) at the first token where their tokenisations part, mean over codes",
+            "cot_phase1_logprob": "teacher-forced log p of each code the CoT mentions before its boundary (the code's tokens), at that mention, mean over mentions",
+            "cot_phase2_margin": "at each verdict token from the boundary on ('keep' on a gold code's line, 'drop' on a near-miss's): log p(the verdict written) - log p(the other), mean over verdicts",
             "p_at_1 / recall": "answer regenerated greedily from the answer marker, the patch applied to the prompt and the teacher-forced CoT" if settings.regenerate else "not computed",
         },
         "normalisation": "recovery (denoise) = (patched - corrupt)/(clean - corrupt); damage (noise) = (clean - patched)/(clean - corrupt); summaries pool traces as a ratio of sums, bootstrap 95% CI over traces",
