@@ -55,6 +55,8 @@ __all__ = [
     "head_set_effects",
     "attribution_patching",
     "patched_generate",
+    "head_output_means",
+    "ablated_generate",
     "control_head_sets",
     "ks_for_heads",
     "normalised_effect",
@@ -378,6 +380,83 @@ def patched_generate(hf_model, tokens: TokenIds, attention_mask: AttentionMask, 
     for row in out[:, width:].tolist():
         stop = next((i for i, t in enumerate(row) if t in set(eos_ids)), len(row))
         result.append(row[: stop + 1])
+    return result
+
+
+def _heads_of(hf_model) -> int:
+    config = getattr(hf_model.config, "text_config", None) or hf_model.config
+    return int(config.num_attention_heads)
+
+
+def head_output_means(hf_model, sequences: Sequence[Sequence[int]], positions: Sequence[Sequence[int]], pad_id: int, batch_size: int = 16) -> dict[int, Float[Tensor, "head d_head"]]:
+    """Each head's mean output ``z`` (its slice of the attention output projection's input) over
+    ``positions[i]`` of ``sequences[i]``: what a mean-ablated head writes instead of its own."""
+    from probes.capture import pad_batch
+
+    projections = _output_projections(hf_model)
+    n_heads = _heads_of(hf_model)
+    sums = {layer: torch.zeros(proj.in_features, dtype=torch.float64) for layer, proj in enumerate(projections)}
+    count = 0
+    handles, chosen = [], {}
+
+    def make(layer: int):
+        def pre_hook(module, args):
+            sums[layer] += (args[0].double() * chosen["mask"][..., None]).sum((0, 1)).cpu()
+
+        return pre_hook
+
+    for layer, proj in enumerate(projections):
+        handles.append(proj.register_forward_pre_hook(make(layer)))
+    try:
+        for start in range(0, len(sequences), batch_size):
+            chunk = [list(x) for x in sequences[start : start + batch_size]]
+            ids, mask, position_ids, offsets = pad_batch(chunk, pad_id, "left")
+            keep = torch.zeros(ids.shape, dtype=torch.float64)
+            for b, picked in enumerate(positions[start : start + batch_size]):
+                keep[b, torch.as_tensor(list(picked), dtype=torch.long) + int(offsets[b])] = 1.0
+            chosen["mask"] = keep.to(next(hf_model.parameters()).device)
+            count += int(keep.sum())
+            with torch.no_grad():
+                hf_model(input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if count == 0:
+        raise CtdInputError("head_output_means: no position to average over")
+    return {layer: (total / count).float().reshape(n_heads, -1) for layer, total in sums.items()}
+
+
+def ablated_generate(hf_model, tokens: TokenIds, attention_mask: AttentionMask, means: dict[int, Tensor], heads: dict[int, Bool[Tensor, "head"]], max_new_tokens: int, pad_id: int, eos_ids: Sequence[int]) -> list[list[int]]:
+    """Greedy generation from a left-padded prompt with chosen heads mean-ablated at every position,
+    the prompt's and each generated token's: the model reasons without them, so the chain of
+    thought cannot route around them. ``means[layer]``: [head, d_head] (:func:`head_output_means`)."""
+    projections = _output_projections(hf_model)
+    width = tokens.shape[1]
+    handles = []
+
+    def make(layer: int, head_mask: Tensor):
+        mean = means[layer]
+        cols = head_mask.repeat_interleave(mean.shape[1])
+
+        def pre_hook(module, args):
+            x = args[0]
+            return (torch.where(cols.to(x.device), mean.reshape(-1).to(x.device, x.dtype), x),) + tuple(args[1:])
+
+        return pre_hook
+
+    for layer, mask in heads.items():
+        if bool(mask.any()):
+            handles.append(projections[layer].register_forward_pre_hook(make(layer, mask)))
+    try:
+        with torch.no_grad():
+            out = hf_model.generate(input_ids=tokens, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=list(eos_ids))
+    finally:
+        for h in handles:
+            h.remove()
+    result = []
+    for row in out[:, width:].tolist():
+        stop = next((i for i, t in enumerate(row) if t in set(eos_ids)), len(row))
+        result.append(row[:stop])
     return result
 
 

@@ -45,6 +45,7 @@ _FLAGS = {
     "capture": {"points": "capture.points", "positions": "capture.positions", "attention_layers": "capture.attention_layers", "batch_size": "capture.batch_size", "dtype": "capture.dtype", "padding": "capture.padding", "device_map": "capture.device_map", "attention": "capture.attention"},
     "characterize": {"n_boot": "characterize.n_boot", "seed": "characterize.seed", "boundary_channels": "characterize.internal.channels", "boundary_smoothing": "characterize.internal.smoothing", "boundary_c": "characterize.internal.C"},
     "patch": {"n_docs": "patch.n_docs", "n_random": "patch.n_random", "what": "patch.what", "positions": "patch.sweep_positions", "no_sweep": "patch.sweep", "no_regenerate": "patch.regenerate", "seed": "patch.seed", "device_map": "patch.device_map"},
+    "ablate": {"n_docs": "ablate.n_docs", "n_random": "ablate.n_random", "seed": "ablate.seed"},
     "isolate": {"n_docs": "isolate.n_docs", "retriever_k": "isolate.retriever_k", "other_run": "isolate.other_run", "seed": "isolate.seed"},
     "distill": {"steps": "distill.steps", "student": "distill.student", "conditions": "distill.conditions"},
 }
@@ -235,6 +236,12 @@ def _cmd_patch(args) -> int:
     return 0
 
 
+def _cmd_ablate(args) -> int:
+    result = _run_stage("ablate", args.run, _config(args, "ablate"))
+    print(result.frame[["score", "k", "head_set", "metric", "value", "ci_low", "ci_high"]].to_string(index=False))
+    return 0
+
+
 def _cmd_isolate(args) -> int:
     result = _run_stage("isolate", args.run, _config(args, "isolate"))
     f1 = result.frame[result.frame["metric"] == "micro_f1"]
@@ -280,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--quick", action="store_true", help="small settings for a smoke run")
     run.add_argument("--seed", type=int)
     run.add_argument("--opt", action="append", help="dataset option KEY=VALUE (repeatable)")
-    run.add_argument("--until", help="stop after this stage (data, traces, capture, characterize, patch, isolate, distill, report)")
+    run.add_argument("--until", help="stop after this stage (data, traces, capture, characterize, patch, ablate, isolate, distill, report)")
     _common(run)
     run.set_defaults(func=_cmd_run)
 
@@ -358,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--device-map", help="accelerate device map for one model across a node's GPUs (e.g. auto)")
     _common(patch)
     patch.set_defaults(func=_cmd_patch)
+
+    abl = sub.add_parser("ablate", help="heads mean-ablated while the model regenerates its CoT and answer")
+    abl.add_argument("--run", "--run-dir", dest="run", required=True)
+    abl.add_argument("--n-docs", type=int)
+    abl.add_argument("--n-random", type=int)
+    abl.add_argument("--seed", type=int)
+    _common(abl)
+    abl.set_defaults(func=_cmd_ablate)
 
     iso = sub.add_parser("isolate", help="truncation, shortlist injection, retriever baselines and complementarity")
     iso.add_argument("--run", "--run-dir", dest="run", required=True)

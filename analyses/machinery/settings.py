@@ -26,6 +26,7 @@ __all__ = [
     "InternalSettings",
     "CharacterizeSettings",
     "PatchSettings",
+    "AblateSettings",
     "IsolateSettings",
     "DistillConfig",
     "ReportSettings",
@@ -231,6 +232,29 @@ class IsolateSettings:
 
 
 @dataclass
+class AblateSettings:
+    """Heads mean-ablated while the model regenerates its CoT and answer.
+
+    Attributes:
+        n_docs: test traces regenerated (their prompts; the first well-formed ones).
+        n_dev_docs: dev traces whose CoT tokens give each head's mean output.
+        n_random: seeded random head sets per k (outside the ranked set), averaged per trace.
+        ks: head-set sizes (None: k = 1-4, or the patch stage's grid on larger models).
+    """
+
+    n_docs: int = 50
+    n_dev_docs: int = 50
+    n_random: int = 1
+    ks: tuple[int, ...] | None = None
+    batch_size: int = 25
+    n_boot: int = 1000
+    seed: int = 0
+
+    def quick(self) -> "AblateSettings":
+        return replace(self, n_docs=12, n_dev_docs=12, ks=(1, 2), n_boot=200)
+
+
+@dataclass
 class DistillConfig:
     """Settings of the distillation study.
 
@@ -317,6 +341,7 @@ class RunConfig:
     capture: CaptureSettings = field(default_factory=CaptureSettings)
     characterize: CharacterizeSettings = field(default_factory=CharacterizeSettings)
     patch: PatchSettings = field(default_factory=PatchSettings)
+    ablate: AblateSettings = field(default_factory=AblateSettings)
     isolate: IsolateSettings = field(default_factory=IsolateSettings)
     distill: DistillConfig = field(default_factory=DistillConfig.for_run)
     report: ReportSettings = field(default_factory=ReportSettings)

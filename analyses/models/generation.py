@@ -159,11 +159,14 @@ def generate_traces(
     candidates: list[list[int]] | None = None,
     hf_model=None,
     tokenizer=None,
+    generate=None,
 ) -> pd.DataFrame:
     """Generate and parse one trace per row of ``docs`` (columns ``doc_id``, ``text``, ``gold``...).
 
     Returns the ``traces.parquet`` frame (DESIGN §4 columns plus mentions, regions and the
     shortlist-growth curve). ``candidates`` (label ids per document) fill candidate templates.
+    ``generate(input_ids, attention_mask, max_new_tokens)`` (optional) replaces greedy HF
+    generation and returns each row's new tokens (the ablate stage generates with heads ablated).
     """
     from tqdm.auto import tqdm
 
@@ -190,6 +193,12 @@ def generate_traces(
         pad = tokenizer.pad_token_id
         input_ids = torch.tensor([[pad] * (width - len(p.ids)) + p.ids for p in prompts])
         attention = torch.tensor([[0] * (width - len(p.ids)) + [1] * len(p.ids) for p in prompts])
+        if generate is not None:
+            new_tokens = generate(input_ids, attention, config.max_new_tokens)
+            for i, (_, doc) in enumerate(batch.iterrows()):
+                rows.append(_trace_row(parser, tokenizer, template, doc, prompts[i], list(new_tokens[i])))
+            bar.update(len(batch))
+            continue
         with torch.no_grad():
             if config.do_sample:
                 torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))

@@ -8,6 +8,7 @@ Beside the result types: :mod:`.theme` (the one figure theme), :mod:`.report` (a
 and ``report.html``) and :mod:`.run` (``open_run``: every result of a run directory, for notebooks).
 """
 
+from analyses.results.ablation import AblationResult
 from analyses.results.base import FrameResult
 from analyses.results.boundary import Boundary
 from analyses.results.characterize import Attribution, HeadScores, LensResult, ProbeResults
@@ -16,4 +17,4 @@ from analyses.results.dynamics import Dynamics
 from analyses.results.isolation import IsolationResult
 from analyses.results.patching import PatchingResult
 
-__all__ = ["FrameResult", "Boundary", "Dynamics", "HeadScores", "Attribution", "ProbeResults", "LensResult", "PatchingResult", "IsolationResult", "DistillResult"]
+__all__ = ["FrameResult", "Boundary", "Dynamics", "HeadScores", "Attribution", "ProbeResults", "LensResult", "PatchingResult", "IsolationResult", "AblationResult", "DistillResult"]

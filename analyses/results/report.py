@@ -23,7 +23,7 @@ __all__ = ["collect_figures", "write_figures", "write_report", "png_available", 
 
 def collect_figures(run_dir: str | Path) -> dict[str, object]:
     """Every figure the run's result files support, by name (missing stages are skipped)."""
-    from analyses.results import Attribution, Boundary, DistillResult, Dynamics, HeadScores, IsolationResult, LensResult, PatchingResult, ProbeResults
+    from analyses.results import AblationResult, Attribution, Boundary, DistillResult, Dynamics, HeadScores, IsolationResult, LensResult, PatchingResult, ProbeResults
 
     run_dir = Path(run_dir)
     figures: dict[str, object] = {}
@@ -52,6 +52,8 @@ def collect_figures(run_dir: str | Path) -> dict[str, object]:
         figures["causal_map"] = patching.figure()
         figures["scores_vs_causal_effects"] = patching.scatter_figure()
         figures["ranked_vs_random_heads"] = patching.ranked_figure()
+    if have("ablation"):
+        figures["ablation"] = AblationResult.load(run_dir / "ablation.parquet").figure()
     if have("isolation"):
         figures["isolation"] = IsolationResult.load(run_dir / "isolation.parquet").figure()
     if have("distill"):
@@ -155,6 +157,18 @@ def causal_findings(run_dir: str | Path) -> list[str]:
         agree = s[(s["analysis"] == "agreement") & (s["readout"] == "answer_logprob")]
         if len(agree):
             out.append("Attribution patching against the one-head sweep, Spearman over heads: " + "; ".join(f"{r.mode} " + (_fmt_ci(r.value, r.ci_low, r.ci_high, 2) if not pd.isna(r.ci_low) else f"{r.value:.2f}") for r in agree.itertuples()) + ".")
+    if (run_dir / "ablation.parquet").exists():
+        ab = pd.read_parquet(run_dir / "ablation.parquet")
+        names = {"shortlist_recall": "shortlist recall", "answer_micro_f1": "answer micro-F1", "near_miss_kept": "near-misses kept", "boundary_share": "boundary share"}
+        for score, g in ab.groupby("score", sort=False):
+            k = int(g["k"].max())
+            parts = []
+            for metric in ("shortlist_recall", "answer_micro_f1"):
+                cell = g[(g["k"] == k) & (g["metric"] == metric)].set_index("head_set")
+                if "ranked" in cell.index:
+                    parts.append(f"{names[metric]} {_fmt_ci(cell.loc['ranked', 'value'], cell.loc['ranked', 'ci_low'], cell.loc['ranked', 'ci_high'])}" + "".join(f" ({kind} k: {_fmt_ci(cell.loc[kind, 'value'], cell.loc[kind, 'ci_low'], cell.loc[kind, 'ci_high'])})" for kind in ("random", "lowest") if kind in cell.index))
+            if parts:
+                out.append(f"Mean-ablating the top {k} {'CoarseScore' if score == 'coarse' else 'RefineScore'} heads (ranked on dev) while the model regenerates its CoT and answer changes, paired per trace: " + "; ".join(parts) + ".")
     if (run_dir / "isolation.parquet").exists():
         iso = pd.read_parquet(run_dir / "isolation.parquet")
         c = iso[iso["condition"] == "complementarity"].set_index("metric")

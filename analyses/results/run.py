@@ -26,6 +26,7 @@ _RESULTS = {
     "probes": ("probes.parquet", "analyses.results:ProbeResults", "ctd characterize --run {run}"),
     "lens": ("lens.parquet", "analyses.results:LensResult", "ctd characterize --run {run}"),
     "patching": ("patching.parquet", "analyses.results:PatchingResult", "ctd patch --run {run}"),
+    "ablation": ("ablation.parquet", "analyses.results:AblationResult", "ctd ablate --run {run}"),
     "isolation": ("isolation.parquet", "analyses.results:IsolationResult", "ctd isolate --run {run}"),
     "distill": ("distill.parquet", "analyses.results:DistillResult", "ctd distill --run {run}"),
 }

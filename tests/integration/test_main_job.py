@@ -8,16 +8,16 @@ from analyses.results.report import collect_figures, png_available
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[2] / "notebooks").glob("*.ipynb"))
 EXPECTED_FIGURES = {
     "dynamics", "boundary_errors", "head_scores", "kurtosis_map", "region_attention", "region_attention_value_weighted",
-    "probes", "logit_lens", "causal_map", "scores_vs_causal_effects", "ranked_vs_random_heads", "isolation",
+    "probes", "logit_lens", "causal_map", "scores_vs_causal_effects", "ranked_vs_random_heads", "ablation", "isolation",
     "distill", "distill_learning_curves", "distill_mechanism_transfer", "distill_trajectories",
 }
 
 
 def test_quick_run_writes_every_stage_and_a_report(quick_run):
     manifest = json.loads((quick_run / "manifest.json").read_text())
-    for stage in ("data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report"):
+    for stage in ("data", "traces", "capture", "characterize", "patch", "ablate", "isolate", "distill", "report"):
         assert manifest["stages"][stage]["status"] == "complete", stage
-    for name in ("labels", "docs", "traces", "dynamics", "boundary", "head_scores", "attribution", "probes", "patching", "isolation", "distill"):
+    for name in ("labels", "docs", "traces", "dynamics", "boundary", "head_scores", "attribution", "probes", "patching", "ablation", "isolation", "distill"):
         assert (quick_run / f"{name}.parquet").exists(), name
     assert manifest["versions"]["transformers"] == "5.23.0"
     report = (quick_run / "report.html").read_text()
@@ -50,7 +50,7 @@ def test_rerun_reuses_finished_stages(quick_run, capsys):
 
     assert main(["run", "--quick", "--out", str(quick_run), "--until", "isolate"]) == 0
     err = capsys.readouterr().err
-    for stage in ("traces", "capture", "characterize", "patch", "isolate"):
+    for stage in ("traces", "capture", "characterize", "patch", "ablate", "isolate"):
         assert f"[{stage}] complete" in err
 
 

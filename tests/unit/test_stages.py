@@ -78,7 +78,7 @@ def test_a_missing_input_names_the_command_that_writes_it(toy_stage, tmp_path):
 def test_each_built_in_stage_is_one_module_of_the_stages_folder_in_the_order_of_ctd_run():
     from analyses.machinery.protocol import EXTRA_STAGES
 
-    assert stages.stage_names() == ("data", "traces", "capture", "characterize", "patch", "isolate", "distill", "report")
+    assert stages.stage_names() == ("data", "traces", "capture", "characterize", "patch", "ablate", "isolate", "distill", "report")
     for stage in stages.STAGES + EXTRA_STAGES:
         module = f"analyses.stages.{stage.name.removesuffix('_pilot')}"
         assert (stage.compute.__module__, stage.compute.__name__) == (module, "compute"), stage.name
