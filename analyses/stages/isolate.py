@@ -32,6 +32,7 @@ from analyses.machinery.io import read_parquet
 from analyses.machinery.protocol import Stage, StageContext, register_stage
 from analyses.methods.parsing import TraceParser
 from analyses.methods.prompts import run_template
+from analyses.models.organism.format import trace_format_of
 from analyses.results.boundary import Boundary
 from analyses.results.isolation import IsolationResult
 from analyses.tasks.sources import Dataset, near_misses_of
@@ -53,12 +54,12 @@ CONDITIONS = {
 }
 
 
-def shortlist_text(label_ids: list[int], labels) -> str:
+def shortlist_text(label_ids: list[int], labels, trace_format: str = "v2") -> str:
     """The organism's phase-1 line for a candidate list (what injection writes in place of phase
-    1): each code with its short description, as the organism writes them."""
+    1): each code with its short description, as the organism writes them in ``trace_format``."""
     from analyses.models.organism.format import shortlist_line
 
-    return shortlist_line(labels, label_ids) + "\n"
+    return shortlist_line(labels, label_ids, trace_format) + "\n"
 
 
 def continue_batch(hf_model, tokenizer, prefixes: list[list[int]], max_new_tokens: int, batch_size: int = 32) -> list[list[int]]:
@@ -121,6 +122,7 @@ def compute(ctx: StageContext) -> IsolationResult:
     tokenizer = load_tokenizer(model_path)
     hf = load_hf_model(model_path, attn_implementation="sdpa")
     parser = TraceParser.for_template(labels, template)
+    trace_format = trace_format_of(model_path)
     close = tokenizer.encode("\n" + template.think_close + "\n" + template.answer_open, add_special_tokens=False)
     retriever = LabelRetriever(labels)
     from analyses.methods.embed import embed_texts
@@ -147,7 +149,7 @@ def compute(ctx: StageContext) -> IsolationResult:
         if other is not None and t.doc_id in other:
             injections["other_shortlist+phase2"] = list(dict.fromkeys(int(x) for x in other[t.doc_id]))
         for name, ids in injections.items():
-            prefixes.setdefault(name, []).append(prompt + tokenizer.encode(shortlist_text(list(ids), labels), add_special_tokens=False))
+            prefixes.setdefault(name, []).append(prompt + tokenizer.encode(shortlist_text(list(ids), labels, trace_format), add_special_tokens=False))
             shortlists.setdefault(name, []).append(ids)
     budget = int(max(len(o) for o in traces["output_ids"])) + 16
     for name, batch in prefixes.items():

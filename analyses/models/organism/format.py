@@ -22,7 +22,7 @@ import pandas as pd
 from analyses.methods.prompts import get_template
 from analyses.tasks.labels import LabelSpace, lower_first, normalize_text, short_description
 
-__all__ = ["teacher_trace", "label_mention", "boundary_char", "dictionary_corpus", "build_corpus", "default_organism_path", "shortlist_line", "ORGANISM_LABEL_CHAPTERS", "SPECIAL_TOKENS", "PHASE2_MARKER", "PHASE2_VERDICTS", "TRACE_FORMATS"]
+__all__ = ["teacher_trace", "label_mention", "boundary_char", "dictionary_corpus", "build_corpus", "default_organism_path", "shortlist_line", "trace_format_of", "ORGANISM_LABEL_CHAPTERS", "SPECIAL_TOKENS", "PHASE2_MARKER", "PHASE2_VERDICTS", "TRACE_FORMATS"]
 
 ORGANISM_LABEL_CHAPTERS = ("9",)
 _TEMPLATE = get_template("organism")
@@ -146,9 +146,22 @@ def teacher_trace(row, labels: LabelSpace, max_extra: int = MAX_EXTRA_CHECKS, tr
     return "\n".join(phase1 + phase2) + f"\n{t.think_close}\n{t.answer_open}" + answer + t.answer_close
 
 
-def shortlist_line(labels: LabelSpace, label_ids) -> str:
-    """A phase-1 line listing candidates, as the organism writes one."""
+def shortlist_line(labels: LabelSpace, label_ids, trace_format: str = "v2") -> str:
+    """A phase-1 line listing candidates, as the organism writes one in ``trace_format``."""
+    if trace_format == "v3":
+        return "; ".join(label_mention(labels, c) for c in label_ids) + ": candidates."
     return "Candidates: " + "; ".join(label_mention(labels, c) for c in label_ids) + "."
+
+
+def trace_format_of(model_dir) -> str:
+    """The trace format an organism checkpoint was trained on (``ctd_organism.json``); ``v2`` for
+    any other model and for checkpoints older than the setting."""
+    import json
+
+    meta = Path(model_dir) / "ctd_organism.json"
+    if not meta.exists():
+        return "v2"
+    return json.loads(meta.read_text()).get("config", {}).get("trace_format", "v2")
 
 
 def boundary_char(trace_text: str) -> int | None:
