@@ -131,7 +131,8 @@ def compute(ctx: StageContext) -> DistillResult:
     train_pool = dataset.split("train")
     if train_pool.empty:
         raise input_error(run_dir / "docs.parquet", "no training-split documents to distill on", "generate a dataset with a train split")
-    train_docs, coverage = choose_training_notes(train_pool, eval_docs, cfg.n_train_docs)
+    dev_docs = dataset.split("dev") if cfg.eval_split != "dev" else None
+    train_docs, coverage = choose_training_notes(train_pool, dev_docs, cfg.n_train_docs, eval_docs=eval_docs)
 
     hf_teacher = load_hf_model(model_path, attn_implementation="sdpa")
     train_traces = _teacher_traces(run_dir / "distill_teacher_traces.parquet", model_path, train_docs, labels, template, tokenizer, hf_teacher, cfg.max_new_tokens, progress)

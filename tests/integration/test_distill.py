@@ -44,17 +44,41 @@ def test_holm_adjustment():
     assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
 
 
-def test_training_notes_cover_the_evaluation_codes(heart_notes):
-    train, evaluate = heart_notes.iloc[:90], heart_notes.iloc[90:110]
-    picked, record = choose_training_notes(train, evaluate, 30, seed=0)
+def test_training_notes_cover_the_dev_codes_and_never_read_the_scored_notes(heart_notes):
+    train, dev, scored = heart_notes.iloc[:80], heart_notes.iloc[80:100], heart_notes.iloc[100:120]
+    picked, record = choose_training_notes(train, dev, 30, seed=0, eval_docs=scored)
     assert len(picked) == 30
-    random = train.sample(30, random_state=0)
-    wanted = {int(g) for gs in evaluate["gold"] for g in gs}
-    share = lambda frame: len(wanted & {int(g) for gs in frame["gold"] for g in gs}) / len(wanted)  # noqa: E731
-    assert record["share_seen_in_training_traces"] == pytest.approx(share(picked), abs=1e-3)
-    assert share(picked) >= share(random)
-    assert record["share_in_whole_training_split"] >= round(share(picked), 4)
-    assert share(picked) == pytest.approx(record["share_in_whole_training_split"], abs=1e-3)  # 30 notes suffice to cover all it can
+    wanted = {int(g) for gs in dev["gold"] for g in gs}
+    share = lambda frame, codes: len(codes & {int(g) for gs in frame["gold"] for g in gs}) / len(codes)  # noqa: E731
+    assert share(picked, wanted) >= share(train.sample(30, random_state=0), wanted)
+    assert record["share_of_cover_codes_seen"] == pytest.approx(share(picked, wanted), abs=1e-3)
+    # the scored notes' coverage is measured after the choice, and the choice ignores them
+    codes = {int(g) for gs in scored["gold"] for g in gs}
+    assert record["share_seen_in_training_traces"] == pytest.approx(share(picked, codes), abs=1e-3)
+    other = scored.copy()
+    other["gold"] = [list(reversed(list(heart_notes.iloc[0]["gold"]))) for _ in range(len(other))]
+    again, _ = choose_training_notes(train, dev, 30, seed=0, eval_docs=other)
+    assert list(again["doc_id"]) == list(picked["doc_id"])
+    # without dev notes: the training split's own codes
+    alone, record = choose_training_notes(train, None, 30, seed=0)
+    assert "training split" in record["chosen_by"] and len(alone) == 30
+
+
+def test_teacher_heads_come_from_dev_scores_never_from_test_patching(tmp_path):
+    import pandas as pd
+
+    from analyses.methods.distillation.head_map import choose_teacher_heads
+
+    dev = pd.DataFrame({"layer": [0, 1, 2, 3], "head": [1, 2, 3, 0], "score": ["coarse", "coarse", "refine", "refine"], "value": [2.0, 1.0, 2.0, 1.0], "ci_low": 0.0, "ci_high": 3.0, "rank": [1, 2, 1, 2]})
+    dev.to_parquet(tmp_path / "dev_head_scores.parquet")
+    # a patching table from test traces with phase sweeps that would pick other heads
+    sweep = pd.DataFrame({"doc_id": None, "analysis": "sweep", "mode": "denoise", "readout": "answer_logprob", "positions": ["phase1", "phase2"], "layer": [3, 0], "head": [3, 3], "value": [9.0, 9.0]})
+    sweep.to_parquet(tmp_path / "patching.parquet")
+    phase1, phase2, how = choose_teacher_heads(tmp_path, 1)
+    assert (phase1, phase2) == ([(0, 1)], [(2, 3)]) and "dev" in how
+    (tmp_path / "dev_head_scores.parquet").unlink()
+    with pytest.raises(Exception, match="dev"):
+        choose_teacher_heads(tmp_path, 1)
 
 
 @pytest.fixture(scope="module")

@@ -65,21 +65,23 @@ def collate(batch: list[Example], pad: int):
     return ids, mask, labels
 
 
-def choose_training_notes(train_docs: pd.DataFrame, eval_docs: pd.DataFrame, n: int, seed: int = 0) -> tuple[pd.DataFrame, dict]:
-    """``n`` training notes that cover the evaluation notes' gold codes: a greedy set cover first
-    (each pick adds the most not-yet-covered evaluation codes), then a seeded random fill.
+def choose_training_notes(train_docs: pd.DataFrame, cover_docs: pd.DataFrame | None, n: int, seed: int = 0, eval_docs: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict]:
+    """``n`` training notes chosen without reading the notes the students are scored on: a greedy
+    set cover of the gold codes of ``cover_docs`` (the dev notes; None: every code of the training
+    split, the label space the notes reach), then a seeded random fill.
 
-    Returns the notes and the coverage record: the share of evaluation gold codes (distinct, and
-    weighted by occurrence) seen as gold in the chosen notes, and in the whole training split.
+    Returns the notes and the coverage record. ``eval_docs`` (the scored notes) are read only after
+    the choice, to report which of their gold codes the chosen notes happen to cover: a measured
+    fact, never a target.
     """
-    wanted = {int(g) for gs in eval_docs["gold"] for g in gs}
     golds = [set(int(g) for g in gs) for gs in train_docs["gold"]]
+    wanted = {int(g) for gs in cover_docs["gold"] for g in gs} if cover_docs is not None and len(cover_docs) else set().union(*golds) if golds else set()
     chosen: list[int] = []
     covered: set[int] = set()
     candidates = set(range(len(train_docs)))
     while len(chosen) < n:
         best, gain = None, 0
-        for i in candidates:
+        for i in sorted(candidates):
             g = len((golds[i] & wanted) - covered)
             if g > gain:
                 best, gain = i, g
@@ -93,17 +95,25 @@ def choose_training_notes(train_docs: pd.DataFrame, eval_docs: pd.DataFrame, n: 
     chosen += rest[: max(0, n - len(chosen))]
     picked = train_docs.iloc[sorted(chosen)].reset_index(drop=True)
     seen = {int(g) for gs in picked["gold"] for g in gs}
-    available = {int(g) for gs in train_docs["gold"] for g in gs}
-    occurrences = [int(g) for gs in eval_docs["gold"] for g in gs]
     record = {
-        "eval_gold_codes": len(wanted),
-        "share_seen_in_training_traces": round(len(wanted & seen) / max(len(wanted), 1), 4),
-        "share_of_occurrences_seen": round(float(np.mean([g in seen for g in occurrences])) if occurrences else 0.0, 4),
-        "share_in_whole_training_split": round(len(wanted & available) / max(len(wanted), 1), 4),
-        "mean_training_occurrences_per_eval_code": round(float(np.mean([sum(g in gs for gs in (set(map(int, x)) for x in picked["gold"])) for g in wanted])) if wanted else 0.0, 3),
         "training_notes": int(len(picked)),
-        "chosen_by": "greedy cover of the evaluation notes' gold codes, then a seeded random fill",
+        "chosen_by": ("greedy cover of the dev notes' gold codes" if cover_docs is not None and len(cover_docs) else "greedy cover of the training split's codes (no dev notes)") + ", then a seeded random fill; the scored notes are never read for the choice",
+        "cover_codes": len(wanted),
+        "share_of_cover_codes_seen": round(len(wanted & seen) / max(len(wanted), 1), 4),
     }
+    if eval_docs is not None:  # measured after the choice
+        scored = {int(g) for gs in eval_docs["gold"] for g in gs}
+        available = {int(g) for gs in train_docs["gold"] for g in gs}
+        occurrences = [int(g) for gs in eval_docs["gold"] for g in gs]
+        record.update(
+            {
+                "eval_gold_codes": len(scored),
+                "share_seen_in_training_traces": round(len(scored & seen) / max(len(scored), 1), 4),
+                "share_of_occurrences_seen": round(float(np.mean([g in seen for g in occurrences])) if occurrences else 0.0, 4),
+                "share_in_whole_training_split": round(len(scored & available) / max(len(scored), 1), 4),
+                "mean_training_occurrences_per_eval_code": round(float(np.mean([sum(g in gs for gs in (set(map(int, x)) for x in picked["gold"])) for g in scored])) if scored else 0.0, 3),
+            }
+        )
     return picked, record
 
 

@@ -16,25 +16,12 @@ Head = tuple[int, int]
 
 
 def choose_teacher_heads(run_dir: Path, k: int) -> tuple[list[Head], list[Head], str]:
-    """Phase-1 and phase-2 teacher heads, and how they were chosen.
-
-    When the patch stage has run with phase-specific sweeps, the heads with the largest measured
-    recovery (denoise, gold answer-code log-prob) when patched at phase-1 positions, respectively
-    at phase-2 positions; otherwise the top CoarseScore / RefineScore heads on dev traces (a run
-    without dev head scores stops with the fix).
+    """Phase-1 and phase-2 teacher heads, and how they were chosen: the top CoarseScore /
+    RefineScore heads on dev traces. Never the patch stage's sweeps, which ran on the test notes
+    the students are scored on; a run without dev head scores stops with the fix.
     """
     from analyses.machinery.io import read_parquet
 
-    patching = run_dir / "patching.parquet"
-    if patching.exists():
-        frame = pd.read_parquet(patching)
-        s = frame[frame["doc_id"].isna() & (frame["analysis"] == "sweep") & (frame["mode"] == "denoise") & (frame["readout"] == "answer_logprob")]
-        if {"phase1", "phase2"} <= set(s["positions"]):
-            picks = []
-            for positions in ("phase1", "phase2"):
-                top = s[s["positions"] == positions].sort_values("value", ascending=False).head(k)
-                picks.append([(int(r.layer), int(r.head)) for r in top.itertuples()])
-            return picks[0], picks[1], "causal effect: largest recovery when patched alone at phase-1 (phase-2) positions, patching.parquet"
     source = run_dir / "dev_head_scores.parquet"
     if not source.exists():  # never the test traces' scores: the students are scored on test notes
         from probes.errors import input_error
@@ -43,7 +30,7 @@ def choose_teacher_heads(run_dir: Path, k: int) -> tuple[list[Head], list[Head],
     scores = read_parquet(source, required=("layer", "head", "score", "rank"))
     phase1 = [(int(r.layer), int(r.head)) for r in scores[scores["score"] == "coarse"].nsmallest(k, "rank").itertuples()]
     phase2 = [(int(r.layer), int(r.head)) for r in scores[scores["score"] == "refine"].nsmallest(k, "rank").itertuples()]
-    return phase1, phase2, f"phase scores: top CoarseScore / RefineScore heads ({source.name}; no phase-specific patching in this run)"
+    return phase1, phase2, f"phase scores on dev traces: top CoarseScore / RefineScore heads ({source.name})"
 
 
 def map_heads(teacher_heads: list[Head], teacher_layers: int, student_layers: int, student_heads: int, similarity: np.ndarray | None = None) -> dict[Head, Head]:
