@@ -85,7 +85,7 @@ def cot_readouts(tokenizer, labels, ids: list[int], mentions, boundary: int | No
     out = {"cot_phase1_logprob": [], "cot_phase2_margin": []}
     if boundary is None:
         return out
-    for m in mentions or []:
+    for m in [] if mentions is None else list(mentions):
         start, end = int(m["token_start"]), int(m["token_end"])
         if start >= boundary or start < 1:
             continue

@@ -29,6 +29,7 @@ def test_cot_readouts_sit_on_the_codes_before_the_boundary_and_the_verdicts_afte
         cot_end = len(ids)
         mentions = [{"label_id": m.label_id, "token_start": m.token_start, "token_end": m.token_end} for m in parsed.mentions]
         items = cot_readouts(tok, heart_labels, ids, mentions, boundary, cot_end)
+        assert cot_readouts(tok, heart_labels, ids, np.array(mentions, dtype=object), boundary, cot_end) == items  # as parquet returns them
         phase1 = [m for m in mentions if m["token_start"] < boundary]
         assert len(items["cot_phase1_logprob"]) == len(phase1) > 0
         for positions, targets, competitors in items["cot_phase1_logprob"]:
