@@ -47,4 +47,5 @@ class AblationResult(FrameResult):
                 fig.add_hline(y=0, line=dict(color="#999", width=1, dash="dot"), row=r, col=c)
         fig = themed(fig, f"Heads mean-ablated while the model regenerates its CoT and answer (ablated minus unablated, paired, {self.meta.get('n_traces', '?')} test traces)", "k heads ablated", "change")
         fig.update_layout(width=320 * max(len(metrics), 1), height=330 * max(len(scores), 1) + 80)
+        fig.update_xaxes(dtick=1)  # k is a count
         return fig

@@ -82,7 +82,7 @@ class Boundary(FrameResult):
             fig.update_layout(barmode="overlay")
             return themed(fig, "Estimated phase boundary per trace (no true boundary known)", "τ (normalised CoT position)", "traces (count)")
         errors = self.errors(n_boot=int(self.meta.get("n_boot", 1000)))
-        fig = make_subplots(rows=1, cols=2, column_widths=[0.4, 0.6], subplot_titles=("median |error| (95% CI over traces)", "signed error per trace"))
+        fig = make_subplots(rows=1, cols=2, column_widths=[0.4, 0.6], horizontal_spacing=0.12, subplot_titles=("median |error| (95% CI over traces)", "signed error per trace"))
         fig.add_trace(
             go.Bar(
                 x=errors["estimator"], y=errors["median_abs_error_frac"], marker_color=[ESTIMATOR_COLOURS.get(e, "#777") for e in errors["estimator"]],
@@ -96,7 +96,9 @@ class Boundary(FrameResult):
             fig.add_trace(go.Histogram(x=values, name=estimator, opacity=0.6, marker_color=ESTIMATOR_COLOURS.get(estimator), xbins=dict(size=0.025)), row=1, col=2)
         fig.update_layout(barmode="overlay", width=1000)
         fig = themed(fig, f"Phase-boundary error per estimator (n={errors['n'].max()} traces)", "estimator | estimated − true boundary (fraction of CoT)", "fraction of CoT | traces (count)")
-        fig.update_xaxes(title_text="estimator", row=1, col=1)
+        # the bars name their estimators: no axis title under the slanted names, which it would cross
+        fig.update_xaxes(title_text="", tickangle=-35, row=1, col=1)
+        fig.update_layout(width=1100, height=560, margin=dict(b=150))
         fig.update_xaxes(title_text="estimated − true boundary (fraction of CoT length)", row=1, col=2)
         fig.update_yaxes(title_text="median |error| (fraction of CoT)", row=1, col=1)
         fig.update_yaxes(title_text="traces (count)", row=1, col=2)

@@ -91,9 +91,11 @@ class Dynamics(FrameResult):
             s = self.summary[self.summary["metric"] == metric].sort_values("t")
             fig.add_trace(go.Scatter(x=list(s["t"]) + list(s["t"][::-1]), y=list(s["ci_high"]) + list(s["ci_low"][::-1]), fill="toself", fillcolor=colour, opacity=0.18, line=dict(width=0), showlegend=False, hoverinfo="skip"))
             fig.add_trace(go.Scatter(x=s["t"], y=s["value"], mode="lines+markers", name=name, line=dict(color=colour, width=2.5)))
-        # Labels sit at staggered heights so close estimates stay legible.
-        for i, (estimator, tau) in enumerate((boundaries or {}).items()):
-            fig.add_vline(x=tau, line=dict(color=ESTIMATOR_COLOURS.get(estimator, "#777"), dash="dash"))
-            fig.add_annotation(x=tau, y=1.0 - 0.07 * i, yref="paper", text=f"τ {estimator} (median)", showarrow=False, xanchor="left", xshift=4, font=dict(color=ESTIMATOR_COLOURS.get(estimator, "#777"), size=12))
+        # Each boundary line is named in the legend, not on the plot: close estimates would put their
+        # labels on top of each other and of the curves.
+        values = self.summary[self.summary["metric"].isin(["focus", "confusion"])]
+        low, high = float(np.nanmin(values["ci_low"])), float(np.nanmax(values["ci_high"]))
+        for estimator, tau in (boundaries or {}).items():
+            fig.add_trace(go.Scatter(x=[tau, tau], y=[low, high], mode="lines", name=f"τ {estimator} (median)", line=dict(color=ESTIMATOR_COLOURS.get(estimator, "#777"), dash="dash", width=1.5), hoverinfo="name"))
         n = self.meta.get("n_traces", "?")
         return themed(fig, f"Focus and Confusion across the chain of thought (n={n} traces, 95% CI)", "normalised CoT position t (0 = think open, 1 = think close)", "cosine similarity (MiniLM)")

@@ -50,7 +50,8 @@ class PatchingResult(FrameResult):
             effects = self.head_effects("attribution", readout)
         scores = pd.DataFrame(self.meta.get("dev_scores", []))
         titles = [f"{EFFECT_NAME[m]} when patched alone ({m})" for m in ("denoise", "noise")] + ["CoarseScore (dev traces)", "RefineScore (dev traces)"]
-        fig = make_subplots(rows=1, cols=4, subplot_titles=titles, horizontal_spacing=0.07)
+        # wide gaps: each colour bar sits between its panel and the next one's tick labels
+        fig = make_subplots(rows=1, cols=4, subplot_titles=titles, horizontal_spacing=0.09)
         for c, mode in enumerate(("denoise", "noise"), start=1):
             g = effects[effects["mode"] == mode]
             if g.empty:
@@ -68,7 +69,7 @@ class PatchingResult(FrameResult):
         fig = themed(fig, f"Causal map ({readout.replace('_', ' ')}, {self.meta.get('what', 'z')}, test traces) beside the phase scores (dev traces)", "head", "layer")
         fig.update_layout(
             width=1400, height=430,
-            coloraxis=dict(colorscale="RdBu", cmid=0, colorbar=dict(title="effect", x=0.47, len=0.9)),
+            coloraxis=dict(colorscale="RdBu", cmid=0, colorbar=dict(title="effect", x=0.462, len=0.9, thickness=12)),
             coloraxis2=dict(colorscale="Viridis", colorbar=dict(title="Coarse", x=0.735, len=0.9, thickness=12)),
             coloraxis3=dict(colorscale="Viridis", colorbar=dict(title="Refine", x=1.0, len=0.9, thickness=12, exponentformat="e")),
         )
