@@ -10,9 +10,12 @@ answer read-out can route around the phase heads):
 
 - ``cot_phase1_logprob``: the teacher-forced log-probability of each code the CoT shortlists, at
   its phase-1 mention (the code's tokens, not its description), mean over mentions;
-- ``cot_phase2_margin``: at each phase-2 verdict token (``keep`` on a gold code's line, ``drop``
-  on a near-miss's), the log-probability of the verdict written minus the opposite one's, mean
-  over verdicts: how firmly phase 2 tells gold from its near-misses.
+- ``cot_phase2_margin``: at each phase-2 line's decision token (the first token after the checked
+  code and its description: the evidence noted on a kept code's line, ``needs`` on a dropped
+  one's), the log-probability of what was written minus the other decision's (``needs`` against
+  a kept line's token; the trace's kept-line tokens, the strongest of them, against ``needs``),
+  mean over lines: how firmly phase 2 tells gold from its near-misses. The verdict word at the
+  line's end is not read: it follows from the line's own text.
 
 :func:`answer_readouts` gives each read-out's items for one trace (positions, target tokens,
 competitor tokens), which :class:`probes.patching.TokenReadout` evaluates.
@@ -94,22 +97,33 @@ def cot_readouts(tokenizer, labels, ids: list[int], mentions, boundary: int | No
             if s >= 1:
                 out["cot_phase1_logprob"].append((tuple(range(s - 1, s - 1 + len(variant))), tuple(variant), ()))
                 break
-    keep, drop = (_word_variants(tokenizer, w) for w in VERDICTS)
-    pairs = [(k, d) for k in keep for d in drop if len(k) == len(d)]
-    for k, d in pairs:  # the first token where the two verdicts part is the decision
-        i = next((j for j, (a, b) in enumerate(zip(k, d)) if a != b), None)
-        if i is None:
+    # Phase 2: each checked code's line decides at its first token after "code description:"
+    # (evidence noted -> keep; "needs ..." -> drop). The verdict word at the line's end follows
+    # from the line's own text, so it is not where the decision is read.
+    keep_ids = {v[0] for v in _word_variants(tokenizer, VERDICTS[0])}
+    drop_ids = {v[0] for v in _word_variants(tokenizer, VERDICTS[1])}
+    needs_ids = {v[0] for v in _word_variants(tokenizer, "needs")}
+    lines = []  # (decision position, verdict), one per line: its first mention is the checked code
+    seen_stops = set()
+    for m in sorted([] if mentions is None else list(mentions), key=lambda m: int(m["token_start"])):
+        start, end = int(m["token_start"]), int(m["token_end"])
+        if start < boundary or end >= cot_end:
             continue
-        for written, other in ((k, d), (d, k)):
-            p = boundary
-            while True:
-                s = find_tokens(ids, list(written), p, cot_end)
-                if s < 0:
-                    break
-                if s + i >= 1 and ids[s : s + i] == list(written[:i]):
-                    out["cot_phase2_margin"].append(((s + i - 1,), (written[i],), ((other[i],),)))
-                p = s + 1
-        if out["cot_phase2_margin"]:
-            break
+        stop = next((j for j in range(start, cot_end) if "\n" in tokenizer.decode([ids[j]])), cot_end)
+        if stop in seen_stops:  # a later mention on the same line (a quoted description)
+            continue
+        seen_stops.add(stop)
+        d = end
+        while d < stop and tokenizer.decode([ids[d]]).strip() in ("", ":"):
+            d += 1
+        verdicts = [ids[j] in keep_ids for j in range(d, stop) if ids[j] in keep_ids | drop_ids]
+        if d < stop and verdicts:
+            lines.append((d, verdicts[-1]))
+    kept_first = tuple(dict.fromkeys(ids[d] for d, keep in lines if keep and ids[d] not in needs_ids))
+    for d, keep in lines:
+        written = ids[d]
+        competitors = tuple((t,) for t in sorted(needs_ids)) if keep else tuple((t,) for t in kept_first if t != written)
+        if competitors and (keep or written in needs_ids):
+            out["cot_phase2_margin"].append(((d - 1,), (written,), competitors))
     out["cot_phase2_margin"].sort()
     return out

@@ -417,7 +417,7 @@ def compute(ctx: StageContext) -> PatchingResult:
             "answer_logprob": "teacher-forced log p of each gold answer code (all its tokens), mean over codes",
             "answer_margin": "at each gold answer code: log p(gold) - max log p(near-miss) at the first token where their tokenisations part, mean over codes",
             "cot_phase1_logprob": "teacher-forced log p of each code the CoT mentions before its boundary (the code's tokens), at that mention, mean over mentions",
-            "cot_phase2_margin": "at each verdict token from the boundary on ('keep' on a gold code's line, 'drop' on a near-miss's): log p(the verdict written) - log p(the other), mean over verdicts",
+            "cot_phase2_margin": "at each phase-2 line's decision token (first token after the checked code and its description: the evidence noted on a kept line, 'needs' on a dropped one): log p(written) - max log p(the other decision's tokens), mean over lines",
             "p_at_1 / recall": "answer regenerated greedily from the answer marker, the patch applied to the prompt and the teacher-forced CoT" if settings.regenerate else "not computed",
         },
         "normalisation": "recovery (denoise) = (patched - corrupt)/(clean - corrupt); damage (noise) = (clean - patched)/(clean - corrupt); summaries pool traces as a ratio of sums, bootstrap 95% CI over traces",

@@ -14,7 +14,6 @@ from analyses.models.organism import boundary_char, teacher_trace
 def test_cot_readouts_sit_on_the_codes_before_the_boundary_and_the_verdicts_after(heart_labels, heart_notes, tiny_tokenizer, trace_format):
     tok, template = tiny_tokenizer, get_template("organism")
     parser = TraceParser(heart_labels)
-    keep_id = set(tok.encode(" keep", add_special_tokens=False)[:1] + tok.encode("keep", add_special_tokens=False)[:1])
     checked = 0
     for _, row in heart_notes.head(25).iterrows():
         prompt, _ = template.render(row["text"])
@@ -37,11 +36,18 @@ def test_cot_readouts_sit_on_the_codes_before_the_boundary_and_the_verdicts_afte
             assert [ids[p + 1] for p in positions] == list(targets)  # the tokens a teacher-forced pass predicts there
             assert tok.decode(list(targets)).strip() in heart_labels.codes
         verdict_lines = [l for l in trace[boundary_char(trace) :].split("\n") if l.endswith(("-> keep.", "-> drop."))]
-        assert len(items["cot_phase2_margin"]) == len(verdict_lines) > 0
-        for (p,), (target,), ((foil,),) in items["cot_phase2_margin"]:
-            assert p + 1 >= boundary and ids[p + 1] == target and foil != target
-        keeps = sum(t in keep_id for _, (t,), _ in items["cot_phase2_margin"])
-        assert keeps == sum(l.endswith("-> keep.") for l in verdict_lines)
+        needs = set(tok.encode(" needs", add_special_tokens=False)[:1] + tok.encode("needs", add_special_tokens=False)[:1])
+        kept_lines = sum(l.endswith("-> keep.") for l in verdict_lines)
+        dropped_lines = sum(l.endswith("-> drop.") and ": needs " in l for l in verdict_lines)
+        items2 = items["cot_phase2_margin"]
+        assert len(items2) == kept_lines + (dropped_lines if kept_lines else 0) > 0
+        for (p,), (target,), competitors in items2:
+            assert p + 1 >= boundary and ids[p + 1] == target  # the token a teacher-forced pass predicts there
+            if target in needs:  # a dropped line: against what kept lines wrote there
+                assert competitors and not any(c[0] in needs for c in competitors)
+            else:  # a kept line: against "needs"
+                assert {c[0] for c in competitors} <= needs
+        assert sum(t not in needs for _, (t,), _ in items2) == kept_lines
         checked += 1
     assert checked == 25
 
