@@ -242,13 +242,14 @@ class AblateSettings:
         ks: head-set sizes (None: k = 1-4, or the patch stage's grid on larger models).
     """
 
-    # 40 prompts x 25 regenerations (k = 1-4, three sets, two scores, and the unablated one) keep
-    # the stage near 2.5 minutes on the organism, inside `ctd run`'s 20.
-    n_docs: int = 40
+    # 32 prompts in one batch x 25 regenerations (k = 1-4, three sets, two scores, and the
+    # unablated one) keep the stage near 2 minutes on the organism, inside `ctd run`'s 20 (40
+    # prompts in two batches took 168 s).
+    n_docs: int = 32
     n_dev_docs: int = 50
     n_random: int = 1
     ks: tuple[int, ...] | None = None
-    batch_size: int = 25
+    batch_size: int = 32
     n_boot: int = 1000
     seed: int = 0
 

@@ -118,6 +118,8 @@ def compute(ctx: StageContext) -> DistillResult:
     base = Path(cfg.student) if cfg.student else default_student_base_path()
     if not (base / "config.json").exists():
         raise input_error(base, "no student base here", "pass --student the folder of a small pretrained causal LM with the teacher's tokenizer, or restore analyses/assets/student_base")
+    if load_tokenizer(base).get_vocab() != load_tokenizer(model_path).get_vocab():
+        raise input_error(base, f"the student base's tokenizer is not the teacher's ({model_path}): distillation reads the teacher's token ids", "pass --student a student base trained with this teacher's tokenizer (ctd student train --teacher TEACHER)")
     dataset = Dataset.load(run_dir)
     labels = dataset.labels
     tokenizer = load_tokenizer(model_path)
