@@ -12,7 +12,7 @@ def test_internal_boundary_beats_the_fitted_constant(organism_run):
     run, results = organism_run
     boundary = results["boundary"]
     errors = boundary.errors(n_boot=300).set_index("estimator")
-    assert set(errors.index) == {"fixed", "constant", "tokens", "behavioural", "internal", "internal_unsupervised"}
+    assert set(errors.index) == {"fixed", "constant", "tokens", "text_probe", "behavioural", "internal", "internal_unsupervised"}
     internal = errors.loc["internal", "median_abs_error_frac"]
     assert internal <= 0.05, errors
     assert internal <= 0.5 * errors.loc["constant", "median_abs_error_frac"], errors
@@ -22,7 +22,7 @@ def test_internal_boundary_beats_the_fitted_constant(organism_run):
     assert 0.0 < boundary.meta["constant_share"] < 1.0
     # the file round-trips
     again = Boundary.load(run / "boundary.parquet")
-    assert set(again.frame["estimator"]) == {"fixed", "constant", "tokens", "behavioural", "internal", "internal_unsupervised"}
+    assert set(again.frame["estimator"]) == {"fixed", "constant", "tokens", "text_probe", "behavioural", "internal", "internal_unsupervised"}
 
 
 def test_true_boundary_shares_spread_across_traces(organism_run):
