@@ -6,6 +6,8 @@ import pandas as pd
 import pytest
 from scipy.stats import spearmanr
 
+from analyses.methods.readouts import READOUTS
+
 TEACHER_FORCED = ("answer_logprob", "answer_margin")
 
 
@@ -63,7 +65,7 @@ def test_attribution_agrees_with_the_sweep_as_stored(patching):
     the organism attribution patching ranks heads like the one-head sweep (answer log-prob)."""
     pooled = patching[patching["doc_id"].isna()]
     agreement = pooled[pooled["analysis"] == "agreement"]
-    assert set(zip(agreement["mode"], agreement["readout"])) == {(m, r) for m in ("denoise", "noise") for r in TEACHER_FORCED}
+    assert set(zip(agreement["mode"], agreement["readout"])) == {(m, r) for m in ("denoise", "noise") for r in READOUTS}
     for row in agreement.itertuples():
         maps = {}
         for analysis in ("sweep", "attribution"):
