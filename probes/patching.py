@@ -345,13 +345,29 @@ def _output_projections(hf_model) -> list:
     return [layer.self_attn.o_proj for layer in layers]
 
 
+def _greedy_with_hooks(hf_model, tokens: TokenIds, attention_mask: AttentionMask, hooks: dict, max_new_tokens: int, pad_id: int, eos_ids: Sequence[int], keep_stop: bool) -> list[list[int]]:
+    """Greedy HF ``generate`` with forward pre-hooks (module -> hook) attached for the call; each
+    row's new tokens up to its first stop token (kept with ``keep_stop``)."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks.items()]
+    try:
+        with torch.no_grad():
+            out = hf_model.generate(input_ids=tokens, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=list(eos_ids))
+    finally:
+        for h in handles:
+            h.remove()
+    result = []
+    for row in out[:, tokens.shape[1] :].tolist():
+        stop = next((i for i, t in enumerate(row) if t in set(eos_ids)), len(row))
+        result.append(row[: stop + 1] if keep_stop else row[:stop])
+    return result
+
+
 def patched_generate(hf_model, tokens: TokenIds, attention_mask: AttentionMask, source: dict[int, Tensor], heads: dict[int, Bool[Tensor, "head"]], positions: Bool[Tensor, "batch pos"], max_new_tokens: int, pad_id: int, eos_ids: Sequence[int]) -> list[list[int]]:
     """Greedy continuation of a left-padded prefix with chosen heads' ``z`` patched at chosen
     prefix positions (Hugging Face ``generate`` with its KV cache: the decoding steps run unpatched
     and read the patched prefix). ``source[layer]``: [batch, pos, head, d_head], aligned with ``tokens``."""
     projections = _output_projections(hf_model)
     width = tokens.shape[1]
-    handles = []
 
     def make(layer: int, head_mask: Tensor):
         def pre_hook(module, args):
@@ -367,20 +383,8 @@ def patched_generate(hf_model, tokens: TokenIds, attention_mask: AttentionMask, 
 
         return pre_hook
 
-    for layer, mask in heads.items():
-        if bool(mask.any()):
-            handles.append(projections[layer].register_forward_pre_hook(make(layer, mask)))
-    try:
-        with torch.no_grad():
-            out = hf_model.generate(input_ids=tokens, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=list(eos_ids))
-    finally:
-        for h in handles:
-            h.remove()
-    result = []
-    for row in out[:, width:].tolist():
-        stop = next((i for i, t in enumerate(row) if t in set(eos_ids)), len(row))
-        result.append(row[: stop + 1])
-    return result
+    hooks = {projections[layer]: make(layer, mask) for layer, mask in heads.items() if bool(mask.any())}
+    return _greedy_with_hooks(hf_model, tokens, attention_mask, hooks, max_new_tokens, pad_id, eos_ids, keep_stop=True)
 
 
 def _heads_of(hf_model) -> int:
@@ -431,8 +435,6 @@ def ablated_generate(hf_model, tokens: TokenIds, attention_mask: AttentionMask, 
     the prompt's and each generated token's: the model reasons without them, so the chain of
     thought cannot route around them. ``means[layer]``: [head, d_head] (:func:`head_output_means`)."""
     projections = _output_projections(hf_model)
-    width = tokens.shape[1]
-    handles = []
 
     def make(layer: int, head_mask: Tensor):
         mean = means[layer]
@@ -444,20 +446,8 @@ def ablated_generate(hf_model, tokens: TokenIds, attention_mask: AttentionMask, 
 
         return pre_hook
 
-    for layer, mask in heads.items():
-        if bool(mask.any()):
-            handles.append(projections[layer].register_forward_pre_hook(make(layer, mask)))
-    try:
-        with torch.no_grad():
-            out = hf_model.generate(input_ids=tokens, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad_id, eos_token_id=list(eos_ids))
-    finally:
-        for h in handles:
-            h.remove()
-    result = []
-    for row in out[:, width:].tolist():
-        stop = next((i for i, t in enumerate(row) if t in set(eos_ids)), len(row))
-        result.append(row[:stop])
-    return result
+    hooks = {projections[layer]: make(layer, mask) for layer, mask in heads.items() if bool(mask.any())}
+    return _greedy_with_hooks(hf_model, tokens, attention_mask, hooks, max_new_tokens, pad_id, eos_ids, keep_stop=False)
 
 
 class _GradientsOn:
